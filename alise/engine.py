@@ -1,0 +1,279 @@
+"""LLMEngine (add_request / step / abort) and the LLM facade (generate / stream / chat)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from alise.config import EngineConfig
+from alise.hub import resolve_model
+from alise.model import Llama
+from alise.runner import ModelRunner
+from alise.sampling import SamplingParams
+from alise.sched.blocks import BlockAllocator, SwapSpace
+from alise.sched.cost import CostModel
+from alise.sched.policy import make_policy
+from alise.sched.request import Request, Status
+from alise.sched.scheduler import Scheduler
+from alise.tokenizer import IncrementalDecoder, Tokenizer
+from alise import kernels
+
+COST_REFIT_EVERY = 64        # steps between refits of the cost model to measured step times
+COST_SAMPLES_KEPT = 1024
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_preemptions: int
+    predicted_output_len: int | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    prompt_logprobs: list[float | None] | None = None
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        folder = resolve_model(config.model)
+        self.tokenizer = Tokenizer.from_folder(folder)
+        device = torch.device("cuda" if config.device == "cuda" or
+                              (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
+        self.model = Llama.from_pretrained(folder, dtype=dtype).to(device)
+        backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        if backend == "triton" and device.type == "cpu":
+            kernels.enable_triton_interpreter()
+        kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else {"bfloat16": "bf16", "float32": "fp32"}[config.dtype]
+        self.runner = ModelRunner(self.model, kv_dtype=kv_dtype, block_size=config.block_size,
+                                  num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
+                                  backend=backend, device=device)
+        self.max_model_len = min(config.max_model_len or self.model.config.max_position_embeddings,
+                                 self.model.config.max_position_embeddings)
+        self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)
+        self.cost = CostModel()
+        self.step_samples: list[tuple[int, int, int, float]] = []
+        self.policy = make_policy(config.scheduler, self.cost)
+        self.predictor = None
+        self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
+        swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.bytes_per_token)
+        self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seed_gen = torch.Generator().manual_seed(config.seed)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request; a bad prompt finishes that request at once with ``error`` set, nothing else."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            token_ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            token_ids, text = list(prompt), None
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_gen))
+        request = Request(request_id, token_ids, params, prompt=text,
+                          arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                          generator=torch.Generator().manual_seed(seed))
+        if params.prompt_logprobs:
+            request.prompt_logprobs = [None]
+        self.requests[request_id] = request
+        error = self._check_prompt(token_ids)
+        if error:
+            request.error = error
+            self._finish(request, "abort")
+            return request_id
+        if self.predictor is not None:
+            request.predicted_output_len = self.predictor.predict(text if text is not None else token_ids,
+                                                                  max_tokens=params.max_tokens)
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int]) -> str | None:
+        vocab = self.model.config.vocab_size
+        if not token_ids:
+            return "empty prompt"
+        if len(token_ids) >= self.max_model_len:
+            return f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len} (room for output needed)"
+        if self.allocator.blocks_for(len(token_ids) + 1) > self.allocator.num_blocks:
+            return (f"prompt has {len(token_ids)} tokens but the whole KV pool holds "
+                    f"{self.allocator.num_blocks * self.allocator.block_size}")
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            return f"token ids must be in [0, {vocab})"
+        return None
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"unknown request_id {request_id!r}")
+        if not request.is_finished:
+            self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one iteration; returns the requests that made progress (or finished) in it."""
+        now = time.monotonic()
+        batch = self.scheduler.schedule(now)
+        if not batch.requests and not batch.swap_out:
+            return []
+        start = time.perf_counter()
+        result = self.runner.execute(batch)
+        elapsed = time.perf_counter() - start
+        self._record_step(batch, elapsed)
+        now = time.monotonic()
+        progressed = []
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+            if id(r) in result.prompt_logprobs:
+                r.prompt_logprobs += result.prompt_logprobs[id(r)]
+            token = result.sampled.get(id(r))
+            if token is None:
+                continue
+            r.output_token_ids.append(token)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            reason = self._stop_reason(r, token)
+            if reason:
+                self._finish(r, reason)
+            elif self.predictor is not None and r.num_output_tokens >= (r.predicted_output_len or 0):
+                # outlived its prediction: re-estimate from what it has produced so far
+                r.predicted_output_len = r.num_output_tokens + self.predictor.predict_remaining(
+                    r.prompt if r.prompt is not None else r.prompt_token_ids, r.num_output_tokens,
+                    max_tokens=r.params.max_tokens)
+            progressed.append(r)
+        return progressed
+
+    def _stop_reason(self, r: Request, token: int) -> str | None:
+        if token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        # a sequence may not outgrow the model's context nor the whole KV pool (it could never run again)
+        if (r.num_output_tokens >= r.params.max_tokens or r.num_tokens >= self.max_model_len
+                or self.allocator.blocks_for(r.num_tokens + 1) > self.allocator.num_blocks):
+            return "length"
+        return None
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self.scheduler.finish(r)
+        r.finish_reason, r.finish_time = reason, time.monotonic()
+
+    def _record_step(self, batch, elapsed: float) -> None:
+        """Keep measured step times and refit the cost model the speculative policy ranks with."""
+        context = sum(r.num_computed_tokens for r in batch.requests)
+        self.step_samples.append((batch.num_prefill_tokens, batch.num_decode_seqs, context, elapsed))
+        del self.step_samples[:-COST_SAMPLES_KEPT]
+        if len(self.step_samples) % COST_REFIT_EVERY == 0:
+            fitted = CostModel.fit(self.step_samples)
+            self.cost.__dict__.update(fitted.__dict__)
+
+    def output(self, request_id: str) -> RequestOutput:
+        r = self.requests[request_id]
+        return RequestOutput(
+            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, token_ids=list(r.output_token_ids),
+            text=self.tokenizer.decode(r.output_token_ids), finished=r.is_finished, finish_reason=r.finish_reason,
+            metrics=RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions,
+                                   r.predicted_output_len),
+            prompt_logprobs=r.prompt_logprobs, error=r.error)
+
+
+def _as_list(x) -> list[int]:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class LLM:
+    """The user-facing facade: ``LLM("smollm2").generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str = "smollm2", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    @property
+    def predictor(self):
+        return self.engine.predictor
+
+    def generate(self, prompts: str | list, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for all prompts at once (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        show = len(ids) >= 8 if use_tqdm is None else use_tqdm
+        from tqdm.auto import tqdm
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
+            done = sum(self.engine.requests[i].is_finished for i in ids)
+            bar.update(done)
+            while self.engine.has_unfinished():
+                self.engine.step()
+                now_done = sum(self.engine.requests[i].is_finished for i in ids)
+                bar.update(now_done - done)
+                done = now_done
+        outputs = [self.engine.output(i) for i in ids]
+        for i in ids:
+            del self.engine.requests[i]
+        return outputs
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one request as it is generated."""
+        request_id = self.engine.add_request(prompt, params)
+        request = self.engine.requests[request_id]
+        decoder = IncrementalDecoder(self.tokenizer)
+        sent = 0
+        try:
+            while True:
+                while sent < request.num_output_tokens:
+                    token = request.output_token_ids[sent]
+                    sent += 1
+                    if not (request.finish_reason == "stop" and sent == request.num_output_tokens
+                            and token in self.engine.eos_token_ids + request.params.stop_token_ids):
+                        delta = decoder.push(token)
+                        if delta:
+                            yield delta
+                if request.is_finished:
+                    if request.error:
+                        raise ValueError(request.error)
+                    return
+                self.engine.step()
+        finally:
+            if not request.is_finished:
+                self.engine.abort(request_id)
+            self.engine.requests.pop(request_id, None)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
+        """Answer one conversation (a list of {"role", "content"}) or a list of them."""
+        if not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        single = isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
+        outputs = self.generate(prompts, params)
+        return outputs[0] if single else outputs

@@ -1,0 +1,274 @@
+"""A Llama-family decoder in one file (nanoGPT style), attending over the paged KV cache.
+
+Covers Llama 2/3, SmolLM and Mistral checkpoints (and Qwen2's q/k/v bias): RMSNorm, rotary position
+embeddings with the config's theta (and linear / llama3 scaling), grouped-query attention, SwiGLU MLP, tied
+or untied output head.
+
+The forward pass works on a *flat* batch: every query token of every sequence in one row of ``(T, ...)``
+tensors, with ``AttentionMetadata`` telling attention which rows belong to which sequence and where their
+K/V live in the paged cache. That one shape serves prefill, chunked prefill and decode alike (vLLM, nano-vllm).
+
+References: Touvron et al. 2023 (Llama), Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA), Karpathy's nanoGPT.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from alise import kernels
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        raw = json.loads(Path(path).read_text())
+        arch = (raw.get("architectures") or ["?"])[0]
+        if arch not in cls.SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r} in {path}; alise loads {cls.SUPPORTED_ARCHITECTURES}")
+        heads = raw["num_attention_heads"]
+        scaling = raw.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3", "default"):
+            raise ValueError(f"unsupported rope_scaling {scaling!r} in {path}")
+        return cls(
+            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads", heads),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rope_theta=raw.get("rope_theta", 10000.0), rope_scaling=scaling,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            attention_bias=raw.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
+        )
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each query row's sequence and K/V live; built once per step by the runner, shared by all layers."""
+
+    slot_mapping: torch.Tensor     # (T,) int64: cache slot of each new token, -1 = do not write
+    block_tables: torch.Tensor     # (B, max_blocks) int32
+    seq_lens: torch.Tensor         # (B,) int32: context length after this step
+    query_start_loc: torch.Tensor  # (B + 1,) int32: sequence b owns query rows [start[b], start[b+1])
+    max_query_len: int
+    max_seq_len: int
+    backend: str = "torch"
+
+
+def rope_cos_sin(config: LlamaConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(max_positions, head_dim // 2)`` in float32, with the config's frequency scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # stretch only the low frequencies, blend in the middle band (Llama 3.1)
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, blended))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(T, H, D)`` by position; HF layout: the pair of channel i is channel i + D/2."""
+    x1, x2 = x.float().chunk(2, dim=-1)                          # (T, H, D/2) each
+    cos, sin = cos[:, None], sin[:, None]                        # (T, 1, D/2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in float32: bf16 sums of squares lose too much precision
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # q, k and v projections fused into one matmul (split again in from_pretrained's loader)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.sm_scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)      # (T, Hq, D)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)   # (T, Hkv, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)                         # (T, Hkv, D)
+        # write the new K/V into their pages first, then read the whole context back through the block table
+        kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend)
+        out = kernels.paged_attention(
+            query=q, cache=cache, block_tables=meta.block_tables, seq_lens=meta.seq_lens,
+            query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len, sm_scale=self.sm_scale, backend=meta.backend)  # (T, Hq, D)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # fused
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)          # (T, I) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(config, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (P, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                caches: list[kernels.LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states ``(T, C)`` after the final norm for the flat batch ``input_ids`` ``(T,)``."""
+        x = self.embed_tokens(input_ids)                          # (T, C)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D/2)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``(N, vocab)`` for the rows of ``hidden`` ``(N, C)``."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> "Llama":
+        """Load an HF-style folder, checking every tensor's name and shape against the config."""
+        from safetensors import safe_open
+        from safetensors import SafetensorError
+
+        folder = Path(folder)
+        config = LlamaConfig.from_json(folder / "config.json")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = _expected_shapes(config)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors file in {folder}")
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue  # some old checkpoints store derived rope tables; we recompute them
+                        if name not in expected:
+                            raise ValueError(f"unexpected tensor {name!r} in {file.name} for this config")
+                        tensor = f.get_tensor(name)
+                        if tuple(tensor.shape) != expected[name]:
+                            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                             f"expected {expected[name]} from config.json")
+                        tensors[name] = tensor.to(dtype)
+            except (SafetensorError, OSError, RuntimeError) as err:
+                raise ValueError(f"cannot read {file} (truncated or corrupted?): {err}") from err
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r} in {folder}" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        model.load_state_dict(_fuse(config, tensors), strict=True, assign=True)
+        cos, sin = rope_cos_sin(config, config.max_position_embeddings)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model.eval()
+
+
+def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF checkpoint names -> shapes implied by the config."""
+    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, C), "model.norm.weight": (C,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+                   p + "self_attn.q_proj.weight": (q, C), p + "self_attn.k_proj.weight": (kv, C),
+                   p + "self_attn.v_proj.weight": (kv, C), p + "self_attn.o_proj.weight": (C, q),
+                   p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C),
+                   p + "mlp.down_proj.weight": (C, I)}
+        if config.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+    return shapes
+
+
+def _fuse(config: LlamaConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> our module names, concatenating q/k/v and gate/up into the fused projections."""
+    state = {"embed_tokens.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        state[o + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+        state[o + "post_attention_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        state[o + "self_attn.qkv_proj.weight"] = torch.cat([hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        if config.attention_bias:
+            state[o + "self_attn.qkv_proj.bias"] = torch.cat([hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        state[o + "self_attn.o_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
+        state[o + "mlp.gate_up_proj.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        state[o + "mlp.down_proj.weight"] = hf[p + "mlp.down_proj.weight"]
+    return state

@@ -1,0 +1,107 @@
+"""Model runner: owns the model and the KV pool, turns a scheduled batch into one forward pass and samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alise import kernels
+from alise.model import AttentionMetadata, Llama
+from alise.sampling import sample
+from alise.sched.request import Request
+from alise.sched.scheduler import ScheduledBatch
+
+GiB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int]                       # id(request) -> new token, for requests that finished their pending tokens
+    prompt_logprobs: dict[int, list[float]]       # id(request) -> log-probs of prompt tokens scored this step
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, *, kv_dtype: str, block_size: int, num_blocks: int | None,
+                 kv_cache_memory_gb: float, backend: str, device: torch.device):
+        self.model, self.device, self.backend = model, device, backend
+        cfg = model.config
+        self.num_kv_heads, self.head_dim, self.block_size = cfg.num_key_value_heads, cfg.head_dim, block_size
+        self.kv_dtype = kv_dtype
+        self.bytes_per_token = cfg.num_hidden_layers * kernels.bytes_per_token(kv_dtype, self.num_kv_heads, self.head_dim)
+        if num_blocks is None:
+            budget = kv_cache_memory_gb * GiB
+            if device.type == "cuda":  # nano-vllm's sizing: what is free after the weights, with a margin
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = min(budget, 0.9 * free) if kv_cache_memory_gb != 1.0 else 0.9 * free
+            num_blocks = max(int(budget // (self.bytes_per_token * block_size)), 1)
+        self.num_blocks = num_blocks
+        self.caches = [kernels.allocate_layer_cache(num_blocks=num_blocks, block_size=block_size,
+                                                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                                    kv_dtype=kv_dtype, device=device)
+                       for _ in range(cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        for request, blocks in batch.swap_out:    # reads blocks freed this step: before anything writes them
+            request.swapped_kv = self._copy_out(blocks)
+        for request, blocks in batch.swap_in:
+            self._copy_in(request.swapped_kv, blocks)
+            request.swapped_kv = None
+        if not batch.requests:
+            return StepResult({}, {})
+        input_ids, positions, slots, query_start, seq_lens = [], [], [], [0], []
+        logit_rows, sample_of, score_of = [], [], []
+        bs = self.block_size
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            start = r.num_computed_tokens
+            tokens = r.all_token_ids
+            input_ids += tokens[start:start + n]
+            positions += range(start, start + n)
+            slots += [r.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            row0 = query_start[-1]
+            query_start.append(row0 + n)
+            seq_lens.append(start + n)
+            if r.params.prompt_logprobs:
+                # row of position p predicts token p + 1; score prompt tokens not scored yet
+                done = len(r.prompt_logprobs or [None])
+                first, last = max(start, done - 1), min(start + n, len(r.prompt_token_ids) - 1)
+                if first < last:
+                    score_of.append((r, len(logit_rows), tokens[first + 1:last + 1]))
+                    logit_rows += range(row0 + first - start, row0 + last - start)
+            if start + n == r.num_tokens:      # this step covers its last token: sample the next one
+                sample_of.append((r, len(logit_rows)))
+                logit_rows.append(row0 + n - 1)
+        max_blocks = max(len(r.block_table) for r in batch.requests)
+        block_tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(slots, torch.int64), block_tables=as_tensor(block_tables, torch.int32),
+            seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(query_start, torch.int32),
+            max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), backend=self.backend)
+        hidden = self.model(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), self.caches, meta)
+        if not logit_rows:
+            return StepResult({}, {})
+        logits = self.model.compute_logits(hidden[as_tensor(logit_rows, torch.int64)])  # (N, V) float32
+        result = StepResult({}, {})
+        if score_of:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for r, row, targets in score_of:
+                rows = torch.arange(row, row + len(targets), device=self.device)
+                result.prompt_logprobs[id(r)] = logprobs[rows, as_tensor(targets, torch.int64)].tolist()
+        if sample_of:
+            rows = [row for _, row in sample_of]
+            tokens = sample(logits[rows], [r.params for r, _ in sample_of], [r.generator for r, _ in sample_of])
+            result.sampled = {id(r): t for (r, _), t in zip(sample_of, tokens)}
+        return result
+
+    def _copy_out(self, blocks: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """Host copy of ``blocks``' pages (and scales) in every layer."""
+        index = torch.tensor(blocks, device=self.device)
+        return [tuple(t[index].to("cpu") for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
+                for c in self.caches]
+
+    def _copy_in(self, host: list[tuple[torch.Tensor, ...]], blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.device)
+        for cache, saved in zip(self.caches, host):
+            for dst, src in zip((t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None), saved):
+                dst[index] = src.to(self.device)

@@ -1,0 +1,151 @@
+"""Iteration-level scheduler: who runs this step, how many tokens each, and whose KV makes room.
+
+Each step (``schedule``):
+
+1. **Rank.** Every unfinished request is ranked by the policy's key (``policy.py``). The best
+   ``max_num_seqs`` hold seats; a running request that falls out of them is preempted but keeps its KV
+   where it is, since it may soon be back (ALISE: short waits keep the KV in place).
+2. **Budget.** Seated requests get tokens within ``max_num_batched_tokens``: decodes first (one token
+   each), then prefill chunks in rank order (chunked prefill: a long prompt takes several steps).
+3. **Memory.** A request whose new tokens need blocks the pool lacks takes them from the worst-ranked
+   requests below it that are not in this step: their KV is swapped to host memory (compressed) when the
+   policy allows it and the swap space has room, else dropped, to be recomputed later. A running request
+   that still cannot grow gives up its own KV the same way, so higher-ranked work always progresses.
+
+The scheduler never touches tensors. Swaps are listed in the step's ``ScheduledBatch`` and carried out by
+the executor (the model runner, or the simulator's clock) before the forward pass: swap-outs read blocks
+freed in this step before anything writes into them.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from alise.sched.blocks import BlockAllocator, SwapSpace
+from alise.sched.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)     # tokens each request processes this step
+    swap_out: list[tuple[Request, list[int]]] = field(default_factory=list)  # (request, blocks to copy out)
+    swap_in: list[tuple[Request, list[int]]] = field(default_factory=list)   # (request, blocks to fill)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for n in self.num_new_tokens if n > 1)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        return sum(1 for n in self.num_new_tokens if n == 1)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, *, policy, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 swap_space: SwapSpace | None = None, predictor=None):
+        self.policy, self.allocator, self.swap_space, self.predictor = policy, allocator, swap_space, predictor
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []   # WAITING (no KV) and PREEMPTED (KV in the pool or swapped out)
+        self._evicted: set[int] = set()
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self, now: float) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        candidates = self.running + self.waiting
+        keys = {id(r): self.policy.rank_key(r, now) for r in candidates}
+        seated = heapq.nsmallest(self.max_num_seqs, candidates, key=lambda r: keys[id(r)])
+        seated_ids = {id(r) for r in seated}
+        for r in self.running:
+            if id(r) not in seated_ids:           # outranked: lose the seat, keep the KV for now
+                self._unseat(r, batch)
+        budget = self.max_num_batched_tokens
+        in_step: set[int] = set()      # ids of requests with tokens in this step (never evicted from it)
+        self._evicted: set[int] = set()  # ids of requests that lost their KV in this step (they sit it out)
+        decodes = [r for r in seated if r.num_pending_tokens == 1]
+        prefills = [r for r in seated if r.num_pending_tokens > 1]
+        for r in decodes + prefills:
+            if budget == 0:
+                break
+            if id(r) in self._evicted:
+                continue
+            num_new = min(r.num_pending_tokens, budget)
+            if not self._make_room(r, num_new, keys, in_step, batch):
+                if r.status is Status.RUNNING:    # cannot grow even at the others' expense: step aside
+                    self._unseat(r, batch)
+                    self._evict(r, batch)
+                continue
+            r.status = Status.RUNNING
+            r.last_scheduled_time = now
+            batch.requests.append(r)
+            batch.num_new_tokens.append(num_new)
+            in_step.add(id(r))
+            budget -= num_new
+        self.running = [r for r in candidates if r.status is Status.RUNNING]
+        self.waiting = [r for r in candidates if r.status in (Status.WAITING, Status.PREEMPTED)]
+        return batch
+
+    def _make_room(self, request: Request, num_new: int, keys: dict, in_step: set, batch: ScheduledBatch) -> bool:
+        """Give ``request`` blocks for ``num_new`` more tokens (bringing its KV back from swap first)."""
+        swapped_tokens = request.num_computed_tokens if request.swapped else 0
+        need = self.allocator.blocks_for(request.num_computed_tokens + num_new) - len(request.block_table)
+        if need > self.allocator.num_free:
+            my_key = keys[id(request)]
+            victims = sorted((r for r in self.running + self.waiting
+                              if id(r) not in in_step and r is not request and keys[id(r)] > my_key
+                              and r.block_table), key=lambda r: keys[id(r)], reverse=True)
+            for victim in victims:
+                if need <= self.allocator.num_free:
+                    break
+                if victim.status is Status.RUNNING:
+                    self._unseat(victim, batch)
+                self._evict(victim, batch)
+            if need > self.allocator.num_free:
+                return False
+        if swapped_tokens:
+            blocks = self.allocator.allocate(self.allocator.blocks_for(swapped_tokens))
+            request.block_table = list(blocks)   # grow() below extends the table, not this list
+            batch.swap_in.append((request, blocks))
+            self.swap_space.give_back(swapped_tokens)
+            request.swapped = False
+        return self.allocator.grow(request, request.num_computed_tokens + num_new)
+
+    def _unseat(self, request: Request, batch: ScheduledBatch) -> None:
+        request.status = Status.PREEMPTED
+        request.num_preemptions += 1
+        batch.preempted.append(request)
+
+    def _evict(self, request: Request, batch: ScheduledBatch) -> None:
+        """Free ``request``'s blocks: to host swap space if allowed and room, else drop them (recompute)."""
+        num_tokens = request.num_computed_tokens
+        if (getattr(self.policy, "swap_preempted", False) and self.swap_space is not None
+                and num_tokens > 0 and self.swap_space.fits(num_tokens)):
+            self.swap_space.take(num_tokens)
+            batch.swap_out.append((request, list(request.block_table)))
+            request.swapped = True               # the executor puts the host copy in request.swapped_kv
+            request.status = Status.PREEMPTED
+        else:
+            request.num_computed_tokens = 0
+            request.status = Status.WAITING
+        self.allocator.release(request)
+        self._evicted.add(id(request))
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request and free everything it holds."""
+        if request.swapped:
+            self.swap_space.give_back(request.num_computed_tokens)
+            request.swapped, request.swapped_kv = False, None
+        self.allocator.release(request)
+        request.status = Status.FINISHED
+        self.running = [r for r in self.running if r is not request]
+        self.waiting = [r for r in self.waiting if r is not request]
