@@ -1,6 +1,7 @@
 """LLMEngine (add_request / step / abort) and the LLM facade (generate / stream / chat)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import CostModel
 from alise.sched.policy import make_policy
+from alise.sched.predictor import LengthPredictor
 from alise.sched.request import Request, Status
 from alise.sched.scheduler import Scheduler
 from alise.tokenizer import IncrementalDecoder, Tokenizer
@@ -62,21 +64,31 @@ class LLMEngine:
         kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else {"bfloat16": "bf16", "float32": "fp32"}[config.dtype]
         self.runner = ModelRunner(self.model, kv_dtype=kv_dtype, block_size=config.block_size,
                                   num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
-                                  backend=backend, device=device)
+                                  backend=backend, device=device, swap_kv_dtype=config.swap_kv_dtype)
         self.max_model_len = min(config.max_model_len or self.model.config.max_position_embeddings,
                                  self.model.config.max_position_embeddings)
         self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)
         self.cost = CostModel()
         self.step_samples: list[tuple[int, int, int, float]] = []
         self.policy = make_policy(config.scheduler, self.cost)
-        self.predictor = None
+        self.predictor = self._make_predictor(config) if config.scheduler in ("alise", "oracle") else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
-        swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.bytes_per_token)
+        swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap_bytes_per_token)
         self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(config.seed)
+
+    def _make_predictor(self, config: EngineConfig) -> LengthPredictor:
+        if config.predictor == "model":
+            embed = functools.partial(_mean_token_embedding, self.model, self.tokenizer)
+        else:
+            embed = _shared_minilm()
+        predictor = LengthPredictor(embed=embed, decode=self.tokenizer.decode, seed=config.seed)
+        if config.predictor_history:
+            predictor.load_history(config.predictor_history)
+        return predictor
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -183,6 +195,8 @@ class LLMEngine:
     def _finish(self, r: Request, reason: str) -> None:
         self.scheduler.finish(r)
         r.finish_reason, r.finish_time = reason, time.monotonic()
+        if self.predictor is not None and reason != "abort":   # online learning from every finished request
+            self.predictor.observe(r.prompt if r.prompt is not None else r.prompt_token_ids, r.num_output_tokens)
 
     def _record_step(self, batch, elapsed: float) -> None:
         """Keep measured step times and refit the cost model the speculative policy ranks with."""
@@ -201,6 +215,21 @@ class LLMEngine:
             metrics=RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions,
                                    r.predicted_output_len),
             prompt_logprobs=r.prompt_logprobs, error=r.error)
+
+
+@functools.cache
+def _shared_minilm():
+    """One MiniLM sentence encoder per process, shared by every engine's predictor."""
+    from alise.sched.encoder import MiniLM
+    return MiniLM.load(cache_size=0)
+
+
+@torch.inference_mode()
+def _mean_token_embedding(model: Llama, tokenizer: Tokenizer, texts: list[str]):
+    """The cheap predictor embedder: the served model's own input embeddings, mean-pooled and normalized."""
+    table = model.embed_tokens.weight
+    rows = [table[torch.tensor(tokenizer.encode(t) or [0], device=table.device)].float().mean(0) for t in texts]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1).cpu().numpy()
 
 
 def _as_list(x) -> list[int]:
@@ -261,6 +290,9 @@ class LLM:
                 if request.is_finished:
                     if request.error:
                         raise ValueError(request.error)
+                    tail = decoder.flush()
+                    if tail:
+                        yield tail
                     return
                 self.engine.step()
         finally:

@@ -22,7 +22,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Llama, *, kv_dtype: str, block_size: int, num_blocks: int | None,
-                 kv_cache_memory_gb: float, backend: str, device: torch.device):
+                 kv_cache_memory_gb: float, backend: str, device: torch.device, swap_kv_dtype: str = "bf16"):
         self.model, self.device, self.backend = model, device, backend
         cfg = model.config
         self.num_kv_heads, self.head_dim, self.block_size = cfg.num_key_value_heads, cfg.head_dim, block_size
@@ -35,6 +35,11 @@ class ModelRunner:
                 budget = min(budget, 0.9 * free) if kv_cache_memory_gb != 1.0 else 0.9 * free
             num_blocks = max(int(budget // (self.bytes_per_token * block_size)), 1)
         self.num_blocks = num_blocks
+        # swapped-out KV: quantized pages are copied as they are; unquantized ones are compressed on the way
+        # out when swap_kv_dtype asks for it ("bf16" = copy unchanged)
+        self.swap_kv_dtype = kv_dtype if kv_dtype in ("int8", "int4") or swap_kv_dtype == "bf16" else swap_kv_dtype
+        self.swap_bytes_per_token = cfg.num_hidden_layers * kernels.bytes_per_token(
+            self.swap_kv_dtype, self.num_kv_heads, self.head_dim)
         self.caches = [kernels.allocate_layer_cache(num_blocks=num_blocks, block_size=block_size,
                                                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                                     kv_dtype=kv_dtype, device=device)
@@ -94,14 +99,33 @@ class ModelRunner:
             result.sampled = {id(r): t for (r, _), t in zip(sample_of, tokens)}
         return result
 
-    def _copy_out(self, blocks: list[int]) -> list[tuple[torch.Tensor, ...]]:
-        """Host copy of ``blocks``' pages (and scales) in every layer."""
+    def _copy_out(self, blocks: list[int]) -> list[tuple]:
+        """Host copy of ``blocks``' pages in every layer, compressed to ``swap_kv_dtype`` if the pool is not."""
         index = torch.tensor(blocks, device=self.device)
-        return [tuple(t[index].to("cpu") for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
-                for c in self.caches]
+        compress = self.swap_kv_dtype != self.kv_dtype
+        saved = []
+        for c in self.caches:
+            if compress:   # (n, bs, Hkv, D) -> quantized data + scales
+                saved.append(tuple(t.to("cpu") for page in (c.k[index], c.v[index])
+                                   for t in kernels.reference.quantize(page.float(), self.swap_kv_dtype)))
+            else:
+                saved.append(tuple(t[index].to("cpu") for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None))
+        return saved
 
-    def _copy_in(self, host: list[tuple[torch.Tensor, ...]], blocks: list[int]) -> None:
+    def _copy_in(self, host: list[tuple], blocks: list[int]) -> None:
         index = torch.tensor(blocks, device=self.device)
+        compress = self.swap_kv_dtype != self.kv_dtype
         for cache, saved in zip(self.caches, host):
-            for dst, src in zip((t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None), saved):
-                dst[index] = src.to(self.device)
+            if compress:
+                k_data, k_scale, v_data, v_scale = (t.to(self.device) for t in saved)
+                cache.k[index] = self._decompress(k_data, k_scale).to(cache.k.dtype)
+                cache.v[index] = self._decompress(v_data, v_scale).to(cache.v.dtype)
+            else:
+                live = [t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+                for dst, src in zip(live, saved):
+                    dst[index] = src.to(self.device)
+
+    def _decompress(self, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.swap_kv_dtype == "int4":   # int4 codes live in the Hadamard-rotated basis (kernels/reference.py)
+            return kernels.reference.dequantize_int4(data, scale, unrotate=True)
+        return kernels.reference.dequantize(data, scale, self.swap_kv_dtype)
