@@ -16,12 +16,17 @@ Two rules of our own, where the paper is silent:
 
 * **No thrashing.** A running request's key is divided by ``preempt_margin`` (2): a newcomer takes its seat
   only when its estimated work is less than half of the running request's remaining work.
-* **No starvation (relative aging).** A request's key is divided by ``1 + aging * t_sys / T``, where
-  ``t_sys`` is its time in the system and ``T`` its own estimated total service time, so a request ages in
-  units of its own length (absolute aging lets long jobs starve or short ones lose their edge). A request
-  with estimated work ``E`` facing a stream of newcomers of estimated work ``e`` overtakes them once
-  ``t_sys > (E / e - 1) * T / aging``; from then on its key only falls, so it keeps its seat. That is the
-  documented starvation bound (tested in ``tests/test_scheduler.py``).
+* **No starvation (relative aging).** A request is *overdue* once its time in the system exceeds
+  ``max_slowdown`` (10) times its own estimated service time ``T`` (the cost model's time for its whole
+  prompt and predicted output, alone). Overdue requests rank before all others, earliest deadline
+  (``arrival + max_slowdown * T``) first. Aging is thus relative to each request's own length: a short request
+  is promoted after a short wait, a long one after a long one, and the order among overdue requests is
+  static, so they never preempt each other back and forth. The bound: a request finishes by its deadline plus
+  the remaining work of requests with earlier deadlines plus its own service time (tested in
+  ``tests/test_scheduler.py`` under a stream of short requests). Without it, shortest-first starves a long
+  request whenever shorter work keeps arriving (also tested). Aging by waiting time divided by service time
+  inside the key (``T / (1 + t_wait / T)``, HRRN-like) does not bound it under overload: the queued short
+  requests age faster than the long one.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class SpeculativePolicy:
     cost: CostModel = field(default_factory=CostModel)
     use_true_lengths: bool = False  # True: the oracle
     preempt_margin: float = 2.0
-    aging: float = 1.0
+    max_slowdown: float = 10.0
     swap_preempted: bool = True      # ALISE's adaptive memory: preempted KV may go to host swap space
 
     @property
@@ -63,13 +68,15 @@ class SpeculativePolicy:
                                       self.remaining_output(request))
 
     def rank_key(self, request: Request, now: float) -> tuple:
+        service = self.cost.request_time(len(request.prompt_token_ids), 0,
+                                         request.num_output_tokens + self.remaining_output(request))
+        deadline = request.arrival_time + self.max_slowdown * service
+        if now >= deadline:                      # overdue: ahead of everyone, earliest deadline first
+            return (0, deadline, request.request_id)
         remaining = self.estimated_remaining_time(request)
-        total = self.cost.request_time(len(request.prompt_token_ids), 0,
-                                       request.num_output_tokens + self.remaining_output(request))
-        aged = remaining / (1.0 + self.aging * max(now - request.arrival_time, 0.0) / total)
         if request.status is Status.RUNNING:
-            aged /= self.preempt_margin
-        return (aged, request.arrival_time, request.request_id)
+            remaining /= self.preempt_margin
+        return (1, remaining, request.arrival_time, request.request_id)
 
 
 def make_policy(name: str, cost: CostModel | None = None):

@@ -5,8 +5,9 @@ Each step (``schedule``):
 1. **Rank.** Every unfinished request is ranked by the policy's key (``policy.py``). The best
    ``max_num_seqs`` hold seats; a running request that falls out of them is preempted but keeps its KV
    where it is, since it may soon be back (ALISE: short waits keep the KV in place).
-2. **Budget.** Seated requests get tokens within ``max_num_batched_tokens``: decodes first (one token
-   each), then prefill chunks in rank order (chunked prefill: a long prompt takes several steps).
+2. **Budget.** Seated requests get tokens within ``max_num_batched_tokens`` in rank order: one for a
+   decode, a chunk for a prefill (chunked prefill: a long prompt takes several steps), with one token kept
+   back for every seated decode not yet reached, so prefills never starve decodes.
 3. **Memory.** A request whose new tokens need blocks the pool lacks takes them from the worst-ranked
    requests below it that are not in this step: their KV is swapped to host memory (compressed) when the
    policy allows it and the swap space has room, else dropped, to be recomputed later. A running request
@@ -72,14 +73,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         in_step: set[int] = set()      # ids of requests with tokens in this step (never evicted from it)
         self._evicted: set[int] = set()  # ids of requests that lost their KV in this step (they sit it out)
-        decodes = [r for r in seated if r.num_pending_tokens == 1]
-        prefills = [r for r in seated if r.num_pending_tokens > 1]
-        for r in decodes + prefills:
-            if budget == 0:
-                break
-            if id(r) in self._evicted:
+        # rank order decides who may take memory from whom; one token of budget stays reserved for each
+        # seated decode not yet reached, so a long prefill never starves the decodes
+        decode_ids = {id(r) for r in seated if r.num_pending_tokens == 1}
+        unreached_decodes = len(decode_ids)
+        for r in seated:
+            is_decode = id(r) in decode_ids
+            unreached_decodes -= is_decode
+            if id(r) in self._evicted:          # lost its KV to a higher-ranked request in this step
                 continue
-            num_new = min(r.num_pending_tokens, budget)
+            num_new = 1 if is_decode else min(r.num_pending_tokens, budget - unreached_decodes)
+            if num_new <= 0 or budget < num_new:
+                continue
             if not self._make_room(r, num_new, keys, in_step, batch):
                 if r.status is Status.RUNNING:    # cannot grow even at the others' expense: step aside
                     self._unseat(r, batch)
