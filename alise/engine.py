@@ -17,7 +17,6 @@ from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import CostModel
 from alise.sched.policy import make_policy
-from alise.sched.predictor import LengthPredictor
 from alise.sched.request import Request, Status
 from alise.sched.scheduler import Scheduler
 from alise.tokenizer import IncrementalDecoder, Tokenizer
@@ -80,7 +79,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(config.seed)
 
-    def _make_predictor(self, config: EngineConfig) -> LengthPredictor:
+    def _make_predictor(self, config: EngineConfig):
+        from alise.sched.predictor import LengthPredictor
         if config.predictor == "model":
             embed = functools.partial(_mean_token_embedding, self.model, self.tokenizer)
         else:
