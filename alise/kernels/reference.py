@@ -1,44 +1,188 @@
-"""Torch reference of every kernel: the readable definition, the CPU backend and the test oracle."""
+"""Torch reference of every kernel: the readable definition, the CPU backend and the test oracle.
+
+Quantization formats (the Triton kernels in ``quant.py`` / ``attention.py`` implement exactly these):
+
+* **int8**: symmetric, one fp16 scale per (token, kv head): ``scale = absmax / 127``, ``q = round(x / scale)``,
+  ``x ~= q * scale``.
+* **int4**: the head vector is first rotated by the orthonormal Hadamard matrix ``H / sqrt(D)`` (Sylvester order;
+  ``H`` is symmetric with entries +-1), then quantized asymmetrically, one fp16 (scale, offset) pair per (token,
+  kv head): ``offset <= min``, ``scale = (max - offset) / 15``, ``u = round((x - offset) / scale)`` in 0..15,
+  ``x ~= u * scale + offset``. Two codes per byte: low nibble = even channel, high nibble = odd channel.
+  The cache therefore holds *rotated* K and V. Attention is invariant when the query is rotated the same way
+  (``(qR) . (kR) = q . k`` for orthonormal ``R``), and the output comes back with one more multiply by ``R``
+  (``R`` is its own inverse). See ``quant.py`` for the measurements behind this choice.
+
+Rounding is ``floor(y + 0.5)`` (to nearest) everywhere, never truncation, and the same in the kernels, so the
+Triton writer reproduces these codes. Scales are floored at fp16's smallest normal number (``SCALE_MIN``), so an
+all-zero row gives codes 0 and dequantizes to exact zeros, never NaN; they are capped at fp16's max, so values
+beyond ~8e6 (int8) or ~6e4 (int4, after rotation) would saturate (real K/V stay far below).
+"""
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
+SCALE_DTYPE = torch.float16
+SCALE_MIN = 2.0 ** -14          # fp16's smallest normal: a floor that keeps x / scale finite
+SCALE_MAX = 65504.0             # fp16's largest finite value
+INT8_MAX = 127                  # symmetric int8 codes in [-127, 127]
+INT4_MAX = 15                   # unsigned int4 codes in [0, 15]
+OFFSET_MARGIN = 2.0 ** -10      # the int4 offset is lowered by this relative margin before rounding to fp16,
+                                # so the stored offset is <= the row minimum and every code stays >= 0
+
+
+def round_half_up(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties up), written the way the Triton kernels write it."""
+    return torch.floor(y + 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hadamard rotation (int4)
+# ----------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int, device: str) -> torch.Tensor:
+    """Sylvester Hadamard matrix with entries +-1, ``H[i, j] = (-1) ** popcount(i & j)`` (symmetric)."""
+    if n & (n - 1):
+        raise ValueError(f"int4 KV needs a power-of-two head_dim, got {n}")
+    i = torch.arange(n)
+    bits = torch.bitwise_and(i[:, None], i[None, :])
+    parity = torch.zeros_like(bits)
+    for b in range(max(1, n.bit_length())):
+        parity ^= (bits >> b) & 1
+    return (1 - 2 * parity).to(torch.float32).to(device)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H / sqrt(D)`` over the last dim, in fp32. Orthonormal and its own inverse."""
+    d = x.shape[-1]
+    return (x.float() @ _hadamard(d, str(x.device))) * (1.0 / math.sqrt(d))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantize / dequantize
+# ----------------------------------------------------------------------------------------------------------------
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> codes int8 ``[..., D]`` and fp16 scales ``[..., 1]``."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / INT8_MAX).clamp(SCALE_MIN, SCALE_MAX).to(SCALE_DTYPE)
+    q = round_half_up(x / scale.float()).clamp(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[..., D]`` -> bytes ``[..., D // 2]``: low nibble = even channel, high nibble = odd."""
+    u = u.to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Bytes ``[..., D // 2]`` -> codes 0..15 ``[..., D]`` (inverse of ``pack_int4``)."""
+    return torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
+
+
+def quantize_int4(x: torch.Tensor, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> packed uint8 ``[..., D // 2]`` and fp16 ``[..., 2]`` = (scale, offset).
+
+    ``x`` is rotated first unless ``rotated`` says it already is.
+    """
+    x = x.float() if rotated else rotate(x)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    offset = (lo - lo.abs() * OFFSET_MARGIN).clamp(-SCALE_MAX, SCALE_MAX).to(SCALE_DTYPE).float()
+    scale = ((hi - offset) / INT4_MAX).clamp(SCALE_MIN, SCALE_MAX).to(SCALE_DTYPE).float()
+    u = round_half_up((x - offset) / scale).clamp(0, INT4_MAX)
+    return pack_int4(u), torch.cat([scale, offset], -1).to(SCALE_DTYPE)
+
+
+def dequantize_int4(p: torch.Tensor, params: torch.Tensor, *, unrotate: bool = False) -> torch.Tensor:
+    """Packed int4 + (scale, offset) -> fp32 values, still in the rotated basis unless ``unrotate``."""
+    params = params.float()
+    x = unpack_int4(p).float() * params[..., :1] + params[..., 1:]
+    return rotate(x) if unrotate else x
+
+
+def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [..., D]`` -> (stored data, scales or None) for any kv dtype."""
+    if kv_dtype == "bf16":
+        return x.to(torch.bfloat16), None
+    if kv_dtype == "fp32":
+        return x.to(torch.float32), None
+    if kv_dtype == "int8":
+        return quantize_int8(x)
+    if kv_dtype == "int4":
+        return quantize_int4(x)
+    raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str) -> torch.Tensor:
+    """Stored data -> values in fp32 (bf16/fp32 pages keep their dtype). int4 stays in the rotated basis."""
+    if kv_dtype in ("bf16", "fp32"):
+        return data
+    if kv_dtype == "int8":
+        return dequantize_int8(data, scale)
+    if kv_dtype == "int4":
+        return dequantize_int4(data, scale)
+    raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
 
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor) -> None:
-    """Store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1)."""
-    if cache.kv_dtype not in ("bf16", "fp32"):
-        raise NotImplementedError(f"kv_dtype {cache.kv_dtype!r} is not implemented yet")
+    """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1)."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    num_blocks, block_size = cache.k.shape[:2]
-    cache.k.view(num_blocks * block_size, *cache.k.shape[2:])[slots] = key[keep].to(cache.k.dtype)
-    cache.v.view(num_blocks * block_size, *cache.v.shape[2:])[slots] = value[keep].to(cache.v.dtype)
+    slots = slot_mapping[keep].long()
+    num_slots = cache.k.shape[0] * cache.k.shape[1]
+    for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
+        q, s = quantize(src[keep], cache.kv_dtype)
+        data.view(num_slots, *data.shape[2:])[slots] = q
+        if scale is not None:
+            scale.view(num_slots, *scale.shape[2:])[slots] = s
 
 
 def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's K and V in order, dequantized: ``[B, max_seq_len, Hkv, D]`` (padding past its length)."""
+    """Each sequence's K and V in order, dequantized: ``[B, max_seq_len, Hkv, D]`` (padding past its length).
+
+    int4 K/V come back in the rotated basis (see the module docstring).
+    """
     block_size = cache.k.shape[1]
     num_blocks_needed = -(-max_seq_len // block_size)
     table = block_tables[:, :num_blocks_needed].long()          # (B, nb)
-    k = cache.k[table].flatten(1, 2)[:, :max_seq_len]            # (B, nb * bs -> L, Hkv, D)
-    v = cache.v[table].flatten(1, 2)[:, :max_seq_len]
-    return k, v
+
+    def gather(x):                                              # (NB, bs, Hkv, *) -> (B, L, Hkv, *)
+        return x[table].flatten(1, 2)[:, :max_seq_len]
+    if cache.k_scale is None:
+        return gather(cache.k), gather(cache.v)
+    return (dequantize(gather(cache.k), gather(cache.k_scale), cache.kv_dtype),
+            dequantize(gather(cache.v), gather(cache.v_scale), cache.kv_dtype))
 
 
 def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
                     sm_scale: float) -> torch.Tensor:
-    """Causal attention of ragged query rows over paged KV, vectorized by padding every sequence."""
+    """Causal attention of ragged query rows over paged KV, vectorized by padding every sequence.
+
+    Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid.
+    """
     num_tokens, num_heads, head_dim = query.shape
     batch = seq_lens.numel()
+    rotated = cache.kv_dtype == "int4"
     k, v = gather_kv(cache, block_tables, max_seq_len)          # (B, L, Hkv, D)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]          # (B,)
     # place each query row at (sequence, row within its chunk) of a padded (B, Mq) grid
     seq_of_token = torch.repeat_interleave(torch.arange(batch, device=query.device), q_lens, output_size=num_tokens)
     row_of_token = torch.arange(num_tokens, device=query.device) - query_start_loc[seq_of_token]
     q = query.new_zeros(batch, max_query_len, num_heads, head_dim)
-    q[seq_of_token, row_of_token] = query                       # (B, Mq, Hq, D)
+    q[seq_of_token, row_of_token] = rotate(query).to(query.dtype) if rotated else query   # (B, Mq, Hq, D)
     # query row i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)[None]  # (B, Mq)
     k_pos = torch.arange(max_seq_len, device=query.device)
@@ -46,4 +190,5 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
         attn_mask=mask[:, None], scale=sm_scale, enable_gqa=True)  # (B, Hq, Mq, D)
-    return out.transpose(1, 2)[seq_of_token, row_of_token]       # (T, Hq, D)
+    out = out.transpose(1, 2)[seq_of_token, row_of_token]       # (T, Hq, D)
+    return rotate(out).to(query.dtype) if rotated else out

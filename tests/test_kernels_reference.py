@@ -1,0 +1,239 @@
+"""The torch reference kernels: quantization formats, the byte budget, and attention vs an independent dense one."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from test_kernels_helpers import dense_attention, dequantized_pages, random_batch, random_pool
+
+from alise import kernels
+from alise.kernels import reference
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layout and bytes
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_bytes_per_token_default_model():
+    """SmolLM2: 3 kv heads x head_dim 64. int8 and int4 meet the budget (<= 0.53x, <= 0.30x of bf16)."""
+    bf16 = kernels.bytes_per_token("bf16", 3, 64)
+    assert bf16 == 768
+    assert kernels.bytes_per_token("fp32", 3, 64) == 1536
+    assert kernels.bytes_per_token("int8", 3, 64) == 2 * 3 * (64 + 2)
+    assert kernels.bytes_per_token("int4", 3, 64) == 2 * 3 * (32 + 4)
+    assert kernels.bytes_per_token("int8", 3, 64) / bf16 <= 0.53
+    assert kernels.bytes_per_token("int4", 3, 64) / bf16 <= 0.30
+    with pytest.raises(ValueError, match="kv_dtype"):
+        kernels.bytes_per_token("int2", 3, 64)
+
+
+@pytest.mark.parametrize("kv_dtype", kernels.KV_DTYPES)
+def test_allocation_matches_bytes_per_token(kv_dtype):
+    cache = kernels.allocate_layer_cache(num_blocks=3, block_size=16, num_kv_heads=3, head_dim=64, kv_dtype=kv_dtype)
+    total = sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None)
+    assert total == 3 * 16 * kernels.bytes_per_token(kv_dtype, 3, 64)
+    assert cache.block_size == 16 and cache.kv_dtype == kv_dtype
+    if kv_dtype == "int4":
+        assert cache.k.shape == (3, 16, 3, 32) and cache.k.dtype == torch.uint8
+        assert cache.k_scale.shape == (3, 16, 3, 2) and cache.k_scale.dtype == torch.float16
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kv_dtype"):
+        kernels.allocate_layer_cache(num_blocks=1, block_size=16, num_kv_heads=1, head_dim=64, kv_dtype="fp8")
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.allocate_layer_cache(num_blocks=1, block_size=16, num_kv_heads=1, head_dim=48, kv_dtype="int4")
+    cache = kernels.allocate_layer_cache(num_blocks=1, block_size=16, num_kv_heads=1, head_dim=64, kv_dtype="bf16")
+    with pytest.raises(ValueError, match="backend"):
+        kernels.write_kv(key=torch.zeros(1, 1, 64), value=torch.zeros(1, 1, 64), cache=cache,
+                         slot_mapping=torch.zeros(1, dtype=torch.long), backend="auto")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantization round trips
+# ---------------------------------------------------------------------------------------------------------------
+
+@st.composite
+def head_vectors(draw):
+    """``[T, H, D]`` fp32 values over many magnitudes, with all-zero rows and outliers mixed in."""
+    t, h = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    d = draw(st.sampled_from([16, 32, 64, 128]))
+    seed = draw(st.integers(0, 2 ** 16))
+    magnitude = 10.0 ** draw(st.integers(-6, 4))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, d, generator=g) * magnitude
+    if draw(st.booleans()):
+        x[0, 0] = 0.0                                                 # an all-zero row
+    if draw(st.booleans()):
+        x[-1, -1, d // 3] = magnitude * draw(st.sampled_from([50.0, -300.0]))   # an outlier
+    if draw(st.booleans()):
+        x = x + magnitude * 5                                         # a common offset
+    return x
+
+
+@SETTINGS
+@given(head_vectors())
+def test_int8_round_trip_within_half_a_step(x):
+    q, scale = reference.quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == x.shape[:-1] + (1,)
+    deq = reference.dequantize_int8(q, scale)
+    assert torch.isfinite(deq).all()
+    err = (x - deq).abs()
+    assert (err <= scale.float() / 2 * (1 + 1e-6) + 1e-30).all()
+    assert q.abs().max() <= 127
+
+
+@SETTINGS
+@given(head_vectors())
+def test_int4_round_trip_within_half_a_step(x):
+    """Per element in the rotated basis: |x - deq| <= scale / 2 (the error a rounding quantizer can promise)."""
+    packed, params = reference.quantize_int4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == x.shape[:-1] + (x.shape[-1] // 2,)
+    assert params.dtype == torch.float16 and params.shape == x.shape[:-1] + (2,)
+    xr = reference.rotate(x)
+    deq = reference.dequantize_int4(packed, params)
+    scale = params[..., :1].float()
+    assert torch.isfinite(deq).all()
+    err = (xr - deq).abs()
+    assert (err <= scale / 2 * (1 + 1e-5) + 1e-6 * xr.abs()).all()
+    # back in the original basis the error is bounded by the 2-norm of the rotated error
+    back = reference.dequantize_int4(packed, params, unrotate=True)
+    assert ((x - back).norm(dim=-1) <= err.norm(dim=-1) * (1 + 1e-4) + 1e-6 * x.norm(dim=-1)).all()
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_all_zero_rows_dequantize_to_zero(kv_dtype):
+    x = torch.zeros(3, 2, 64)
+    data, scale = reference.quantize(x, kv_dtype)
+    deq = reference.dequantize(data, scale, kv_dtype)
+    assert torch.equal(deq, torch.zeros_like(deq))
+    cache = kernels.allocate_layer_cache(num_blocks=2, block_size=16, num_kv_heads=2, head_dim=64, kv_dtype=kv_dtype)
+    query, meta = random_batch(lens=[(3, 20)], num_blocks=2, block_size=16, num_heads=4, head_dim=64, seed=0)
+    out = kernels.paged_attention(query=query, cache=cache, **meta)   # a zeroed pool: zero output, no NaN
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_rounding_is_to_nearest_not_truncation():
+    x = torch.tensor([[127.0, 0.6, -0.6, 1.49, -1.51]]).repeat(1, 1).view(1, 1, 5)
+    x = torch.nn.functional.pad(x, (0, 11))                           # scale = 1 exactly
+    q, scale = reference.quantize_int8(x)
+    assert scale.item() == 1.0
+    assert q[0, 0, :5].tolist() == [127, 1, -1, 1, -2]
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=64))
+def test_nibble_pack_unpack_is_identity(raw):
+    packed = torch.tensor(raw, dtype=torch.uint8)
+    codes = reference.unpack_int4(packed)
+    assert codes.shape == (2 * len(raw),) and int(codes.max()) <= 15
+    assert torch.equal(codes[0::2], packed & 0xF) and torch.equal(codes[1::2], packed >> 4)   # low = even
+    assert torch.equal(reference.pack_int4(codes), packed)
+
+
+def test_rotation_is_orthonormal_and_self_inverse():
+    for d in (16, 64, 128):
+        x = torch.randn(5, d)
+        assert torch.allclose(reference.rotate(reference.rotate(x)), x, atol=1e-5)
+        assert torch.allclose(reference.rotate(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# write_kv and attention vs independent definitions
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_dtype", kernels.KV_DTYPES)
+def test_write_kv_skips_minus_one_and_leaves_other_slots(kv_dtype):
+    cache = random_pool(kv_dtype=kv_dtype, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=32, seed=1)
+    before = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+    key, value = torch.randn(3, 2, 32), torch.randn(3, 2, 32)
+    slots = torch.tensor([5, -1, 40])
+    kernels.write_kv(key=key, value=value, cache=cache, slot_mapping=slots)
+    after = [t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+    for b, a in zip(before, after):
+        flat_b, flat_a = b.flatten(0, 1), a.flatten(0, 1)
+        untouched = torch.ones(64, dtype=torch.bool)
+        untouched[[5, 40]] = False
+        assert torch.equal(flat_b[untouched], flat_a[untouched])
+    k_pages, _ = dequantized_pages(cache)
+    tol = {"bf16": 2e-2, "fp32": 0, "int8": 5e-2, "int4": 0.6}[kv_dtype]
+    assert torch.allclose(k_pages.flatten(0, 1)[[5, 40]], key[[0, 2]], atol=tol, rtol=tol)
+
+
+@st.composite
+def batches(draw):
+    block_size = draw(st.sampled_from([1, 4, 16, 32]))
+    group = draw(st.sampled_from([1, 3, 8]))
+    num_kv_heads = draw(st.sampled_from([1, 2]))
+    n = draw(st.integers(1, 4))
+    lens = []
+    for _ in range(n):
+        seq_len = draw(st.integers(1, 70))
+        q_len = draw(st.sampled_from([1, 1, seq_len, max(1, seq_len // 2)]))
+        lens.append((q_len, seq_len))
+    return dict(lens=lens, block_size=block_size, group=group, num_kv_heads=num_kv_heads,
+                head_dim=draw(st.sampled_from([16, 64])), repeat=draw(st.booleans()), seed=draw(st.integers(0, 999)),
+                kv_dtype=draw(st.sampled_from(kernels.KV_DTYPES)))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(batches())
+def test_reference_attention_matches_dense_loop(case):
+    """Reference (padded, vectorized SDPA) == per-sequence dense causal softmax, on the dequantized pages."""
+    need = sum(math.ceil(s / case["block_size"]) for _, s in case["lens"])
+    cache = random_pool(kv_dtype=case["kv_dtype"], num_blocks=need + 2, block_size=case["block_size"],
+                        num_kv_heads=case["num_kv_heads"], head_dim=case["head_dim"], seed=case["seed"])
+    query, meta = random_batch(lens=case["lens"], num_blocks=need + 2, block_size=case["block_size"],
+                               num_heads=case["num_kv_heads"] * case["group"], head_dim=case["head_dim"],
+                               seed=case["seed"], dtype=torch.float32, repeat_blocks=case["repeat"])
+    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    want = dense_attention(query, *dequantized_pages(cache), **meta)
+    assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_reference_attention_bf16_query():
+    cache = random_pool(kv_dtype="bf16", num_blocks=12, block_size=16, num_kv_heads=2, head_dim=64, seed=3)
+    query, meta = random_batch(lens=[(7, 50), (1, 33), (20, 20)], num_blocks=12, block_size=16, num_heads=6,
+                               head_dim=64, seed=3)
+    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    assert out.dtype == torch.bfloat16 and out.shape == query.shape
+    want = dense_attention(query, *dequantized_pages(cache), **meta)
+    assert torch.allclose(out.double(), want, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_attention_quantization_error_within_analytical_bound(kv_dtype):
+    """Attention on a quantized pool vs exact attention on the original fp32 K/V, against a worst-case bound.
+
+    Per key n the quantizer promises |dk| <= s_k/2 and |dv| <= s_v/2 per element of the stored basis (int4: the
+    rotated one, where q is rotated too). So a score moves by at most eps_n = sm_scale * ||q||_1 * s_k[n] / 2;
+    softmax weights then move by |p' - p| <= p * (exp(2 eps) - 1) with eps = max_n eps_n, and
+    |o' - o|_d <= (exp(2 eps) - 1) * max_n |v[n, d]| + max_n |dv[n, d]|, where in the original basis
+    |dv| <= s_v/2 (int8) or <= sqrt(D) * s_v/2 (int4: the rotated error's 2-norm bounds each element).
+    """
+    g = torch.Generator().manual_seed(0)
+    heads, d, seq_len = 1, 64, 40
+    k = torch.randn(seq_len, heads, d, generator=g)
+    v = torch.randn(seq_len, heads, d, generator=g)
+    k[:, :, 5] *= 6                                                # an outlier channel
+    cache = kernels.allocate_layer_cache(num_blocks=3, block_size=16, num_kv_heads=heads, head_dim=d, kv_dtype=kv_dtype)
+    kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=torch.arange(seq_len))
+    query = torch.randn(1, heads, d, generator=g) * 2
+    meta = dict(block_tables=torch.tensor([[0, 1, 2]], dtype=torch.int32), seq_lens=torch.tensor([seq_len]),
+                query_start_loc=torch.tensor([0, 1]), max_query_len=1, max_seq_len=seq_len, sm_scale=d ** -0.5)
+    out = kernels.paged_attention(query=query, cache=cache, **meta)[0, 0].double()
+    p = torch.softmax((k[:, 0] @ query[0, 0]).double() * meta["sm_scale"], 0)
+    exact = p @ v[:, 0].double()
+    s_k = cache.k_scale.flatten(0, 1)[:seq_len, 0, 0].double()
+    s_v = cache.v_scale.flatten(0, 1)[:seq_len, 0, 0].double()
+    q_stored = reference.rotate(query[0, 0]) if kv_dtype == "int4" else query[0, 0]
+    eps = (meta["sm_scale"] * q_stored.abs().sum() * s_k / 2).max()
+    dv = s_v.max() / 2 * (math.sqrt(d) if kv_dtype == "int4" else 1)
+    bound = (math.exp(2 * eps) - 1) * v[:, 0].abs().max(0).values.double() + dv
+    err = (out - exact).abs()
+    assert (err <= bound).all()
+    assert err.max() > 0                                           # the test does see quantization error
