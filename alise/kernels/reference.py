@@ -75,7 +75,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()
+    return q.float().mul_(scale)
 
 
 def pack_int4(u: torch.Tensor) -> torch.Tensor:
@@ -104,8 +104,10 @@ def quantize_int4(x: torch.Tensor, *, rotated: bool = False) -> tuple[torch.Tens
 
 def dequantize_int4(p: torch.Tensor, params: torch.Tensor, *, unrotate: bool = False) -> torch.Tensor:
     """Packed int4 + (scale, offset) -> fp32 values, still in the rotated basis unless ``unrotate``."""
-    params = params.float()
-    x = unpack_int4(p).float() * params[..., :1] + params[..., 1:]
+    x = torch.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=torch.float32, device=p.device)
+    x[..., 0::2] = p & 0xF                                       # written in place: fewer big temporaries,
+    x[..., 1::2] = p >> 4                                        # which matters on the CPU backend
+    x.mul_(params[..., :1]).add_(params[..., 1:])
     return rotate(x) if unrotate else x
 
 
@@ -156,10 +158,12 @@ def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torc
     """
     block_size = cache.k.shape[1]
     num_blocks_needed = -(-max_seq_len // block_size)
-    table = block_tables[:, :num_blocks_needed].long()          # (B, nb)
+    table = block_tables[:, :num_blocks_needed].reshape(-1)     # (B * nb,)
+    batch = block_tables.shape[0]
 
     def gather(x):                                              # (NB, bs, Hkv, *) -> (B, L, Hkv, *)
-        return x[table].flatten(1, 2)[:, :max_seq_len]
+        pages = x.index_select(0, table)                        # (B * nb, bs, Hkv, *)
+        return pages.view(batch, num_blocks_needed * block_size, *x.shape[2:])[:, :max_seq_len]
     if cache.k_scale is None:
         return gather(cache.k), gather(cache.v)
     return (dequantize(gather(cache.k), gather(cache.k_scale), cache.kv_dtype),
@@ -171,10 +175,13 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
                     sm_scale: float) -> torch.Tensor:
     """Causal attention of ragged query rows over paged KV, vectorized by padding every sequence.
 
-    Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid.
+    Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid, with
+    the query heads of each kv head stacked as extra query rows (GQA without copying K/V per query head).
     """
     num_tokens, num_heads, head_dim = query.shape
     batch = seq_lens.numel()
+    num_kv_heads = cache.k.shape[2]
+    group = num_heads // num_kv_heads
     rotated = cache.kv_dtype == "int4"
     k, v = gather_kv(cache, block_tables, max_seq_len)          # (B, L, Hkv, D)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]          # (B,)
@@ -187,8 +194,12 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)[None]  # (B, Mq)
     k_pos = torch.arange(max_seq_len, device=query.device)
     mask = k_pos[None, None, :] <= q_pos[:, :, None]             # (B, Mq, L)
+    mask = mask[:, None].expand(batch, group, max_query_len, max_seq_len).reshape(batch, 1, -1, max_seq_len)
+    q = q.view(batch, max_query_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)   # (B, Hkv, G, Mq, D)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask[:, None], scale=sm_scale, enable_gqa=True)  # (B, Hq, Mq, D)
-    out = out.transpose(1, 2)[seq_of_token, row_of_token]       # (T, Hq, D)
+        q.reshape(batch, num_kv_heads, group * max_query_len, head_dim),
+        k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask, scale=sm_scale)                          # (B, Hkv, G * Mq, D)
+    out = out.view(batch, num_kv_heads, group, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(batch, max_query_len, num_heads, head_dim)[seq_of_token, row_of_token]   # (T, Hq, D)
     return rotate(out).to(query.dtype) if rotated else out
