@@ -280,13 +280,10 @@ class LLM:
         try:
             while True:
                 while sent < request.num_output_tokens:
-                    token = request.output_token_ids[sent]
+                    delta = decoder.push(request.output_token_ids[sent])   # special tokens decode to ""
                     sent += 1
-                    if not (request.finish_reason == "stop" and sent == request.num_output_tokens
-                            and token in self.engine.eos_token_ids + request.params.stop_token_ids):
-                        delta = decoder.push(token)
-                        if delta:
-                            yield delta
+                    if delta:
+                        yield delta
                 if request.is_finished:
                     if request.error:
                         raise ValueError(request.error)

@@ -47,6 +47,10 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         raw = json.loads(Path(path).read_text())
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [key for key in required if key not in raw]
+        if missing:
+            raise ValueError(f"{path} lacks {missing[0]!r}, which a Llama-family config needs")
         arch = (raw.get("architectures") or ["?"])[0]
         if arch not in cls.SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r} in {path}; alise loads {cls.SUPPORTED_ARCHITECTURES}")

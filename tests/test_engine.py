@@ -321,9 +321,6 @@ def test_stream_concatenates_to_the_generated_text_tiny(tiny_llm):
     assert not tiny_llm.engine.requests                 # stream cleans up after itself
 
 
-@pytest.mark.xfail(reason="engine.py LLMEngine.output decodes every output token, the stop token included, "
-                          "while LLM.stream skips the final stop/EOS token: with a non-special stop token "
-                          "(stop_token_ids) the two texts differ", strict=True)
 def test_stream_matches_generate_with_a_stop_token(tiny_llm):
     prompt = "The assert statement"
     free_run = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
