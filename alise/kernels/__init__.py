@@ -15,8 +15,8 @@ The contract between the runner and the kernels (DESIGN.md, "KV cache layout"):
   ``block_tables[b, :ceil(seq_lens[b] / block_size)]``; entries after those are padding that kernels never read.
 
 Backends: ``"torch"`` runs ``reference.py`` (the CPU backend); ``"triton"`` runs ``quant.py`` / ``attention.py``
-(on CUDA, or on the CPU under Triton's interpreter). The engine resolves ``"auto"`` before calling. Triton is
-imported lazily, so ``import alise`` never imports it.
+(on CUDA, or on the CPU under Triton's interpreter; they need a power-of-two head_dim >= 16). The engine
+resolves ``"auto"`` before calling. Triton is imported lazily, so ``import alise`` never imports it.
 """
 from __future__ import annotations
 

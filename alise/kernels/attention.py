@@ -21,13 +21,21 @@ Tiling (one kernel for the whole mixed batch, after vLLM's unified kernel):
   ``q_len`` positions of ``seq_len``.
 * Dequantization on load, with no dequantized tile (vLLM-style): int8 codes are cast to the query dtype, the
   **columns of S** are multiplied by ``k_scale[key]`` and the **columns of P** by ``v_scale[key]`` before P @ V.
-  int4 uses a split dot over nibbles: the query is rotated by the Hadamard matrix (pages hold rotated K/V) and
-  split into its even and odd channels, ``S = Q_even @ K_lo^T + Q_odd @ K_hi^T``, then
-  ``S[:, n] = k_scale[n] * S[:, n] + k_offset[n] * sum(Q_rot)``; V accumulates ``P' @ V_lo`` and ``P' @ V_hi``
-  (``P' = P * v_scale``) plus a per-row ``sum(P * v_offset)``. The epilogue rotates the output back with two
-  more dots (``H`` is symmetric and its own inverse up to ``1 / D``), so even/odd channels never need
-  interleaving. Split-dot was chosen over unpacking into a ``[BLOCK_N, D]`` tile because it needs no register
-  shuffle (join/reshape) and, with the rotation folded into the query and output, costs only two small dots.
+  int4 uses a split dot over nibbles: the query is rotated by the Hadamard matrix (pages hold rotated K/V; the
+  +-1 matrix is built in registers) and split into its even and odd channels. With centred codes
+  ``c = u - 8`` a stored value is ``c * scale + const`` (``const = offset + 8 * scale``), so
+  ``S = (Q_even @ C_lo^T + Q_odd @ C_hi^T) * k_scale[n] + sum(Q_rot) * k_const[n]`` per column ``n``; V
+  accumulates ``P' @ C_lo`` and ``P' @ C_hi`` (``P' = P * v_scale``) plus a per-row ``sum(P * v_const)``. The
+  epilogue rotates the output back with two more dots by H's even / odd rows, so even/odd channels never need
+  interleaving. Split-dot was chosen over unpacking into a ``[BLOCK_N, D]`` tile (join + reshape) because it
+  needs no register shuffle and, with the rotation folded into the query and the output, costs only two small
+  dots per program; this is a design argument, not a GPU measurement. Head_dim 16 pads the nibble dots to 16.
+* Precision: dots accumulate in fp32; P @ V operands are fp16 for quantized pages (codes are exact in fp16 and
+  ``P * v_scale`` keeps 3 more bits than bf16: centring the codes and fp16 keep rounding errors, which would
+  be common to all rotated channels, from piling up in output channel 0), the query dtype otherwise; fp32
+  queries use IEEE fp32 dots. Under the CPU interpreter dots run on fp32 copies of the rounded operands
+  (Triton 3.8's interpreter multiplies bf16 bit patterns as integers and casts integers to bf16 wrongly; it
+  also truncates fp32 -> bf16 casts where GPUs round to nearest, which the tests' tolerances absorb).
 * Split-K for long-context decode (after SGLang / LightLLM): grid ``(num_seqs, Hkv, max_splits)``, each program
   covers a fixed ``SPLIT_SIZE`` = 256 keys and writes its normalized fp32 partial output and log2-sum-exp;
   ``_merge_kernel`` (grid ``(num_seqs, Hq)``) combines them. The split count depends only on a sequence's own
@@ -42,9 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
-from alise.kernels.quant import INT4_CENTER, KV_MODES, MODE_INT4, MODE_INT8, check_head_dim, hadamard_tile
+from alise.kernels.quant import (INT4_CENTER, KV_MODES, MODE_INT4, MODE_INT8, NIBBLE_BITS, NIBBLE_MASK,
+                                 check_head_dim, hadamard_tile)
 
-KV_TILE = 64             # BLOCK_N: keys per inner-loop iteration
+KV_TILE = 32             # BLOCK_N: keys per inner-loop iteration
 MIN_DOT = 16             # tl.dot's smallest M / N / K
 DECODE_BLOCK_M = MIN_DOT # rows per program for decode-only batches
 PREFILL_BLOCK_M = 64     # rows per program when the batch has prefill chunks
@@ -67,7 +76,7 @@ def _dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _nibbles(x):
     """Packed int4 bytes -> (even, odd) channel codes, centred to -8..7 (int32)."""
-    return (x & 0xF).to(tl.int32) - INT4_CENTER, (x >> 4).to(tl.int32) - INT4_CENTER
+    return (x & NIBBLE_MASK).to(tl.int32) - INT4_CENTER, (x >> NIBBLE_BITS).to(tl.int32) - INT4_CENTER
 
 
 @triton.jit
@@ -195,8 +204,8 @@ def _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_p
     out_even = (acc_even + acc_const[:, None]) * inv_l[:, None]
     out_odd = (acc_odd + acc_const[:, None]) * inv_l[:, None]
     # rotate back: out = out_rot @ H / sqrt(D), with H's even / odd rows
-    out = (tl.dot(out_even, tl.trans(h_even), input_precision="ieee")
-           + tl.dot(out_odd, tl.trans(h_odd), input_precision="ieee")) * norm
+    out = (_dot(out_even, tl.trans(h_even), PRECISION, INTERPRET)
+           + _dot(out_odd, tl.trans(h_odd), PRECISION, INTERPRET)) * norm      # tf32 for half queries
     return out, m_i, l_i
 
 
@@ -341,6 +350,9 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     else:
         part_out = part_lse = out                                # dummies
         grid = (num_tokens // (block_m // group) + num_seqs, num_kv_heads)
+    # tile / warp choice: the sm_90 compile (cuobjdump) spills no registers for head_dim 64 and 128 in every
+    # mode with BLOCK_N 32 and 8 warps for the big tiles; chosen statically, not timed on a GPU
+    num_warps = 4 if block_m <= DECODE_BLOCK_M and head_dim <= 64 else 8
     _paged_attention_kernel[grid](
         query, out, cache.k, cache.v, k_scale, v_scale, block_tables, seq_lens, query_start_loc,
         part_out, part_lse, sm_scale, num_seqs,
@@ -352,7 +364,7 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=cache.k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         KV_MODE=kv_mode, LOG2_D=int(math.log2(head_dim)), HALF=max(MIN_DOT, head_dim // 2), SPLIT=SPLIT_SIZE if use_split else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        PV_DTYPE=pv_dtype, INTERPRET=query.device.type == "cpu")
+        PV_DTYPE=pv_dtype, INTERPRET=query.device.type == "cpu", num_warps=num_warps)
     if use_split:
         _merge_kernel[(num_tokens, num_heads)](
             part_out, part_lse, out, seq_lens, part_out.stride(0), part_out.stride(1), part_out.stride(2),

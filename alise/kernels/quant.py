@@ -64,6 +64,8 @@ OFFSET_MARGIN = tl.constexpr(reference.OFFSET_MARGIN)
 MODE_FLOAT, MODE_INT8, MODE_INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)   # the kernels' KV_MODE
 KV_MODES = {"bf16": 0, "fp32": 0, "int8": 1, "int4": 2}   # plain ints for the launch; kernels compare with MODE_*
 INT4_CENTER = tl.constexpr(8)   # the attention kernel reads int4 codes as u - 8 (-8..7)
+NIBBLE_BITS = tl.constexpr(4)   # int4 packing: byte = even | odd << 4
+NIBBLE_MASK = tl.constexpr(0xF)
 
 
 @triton.jit
@@ -78,6 +80,12 @@ def hadamard_tile(rows, cols, LOG2_D: tl.constexpr):
 
 
 @triton.jit
+def round_half_up(y):
+    """Round to nearest, ties up: ``floor(y + 0.5)``, as ``reference.round_half_up``."""
+    return tl.floor(y + 0.5)
+
+
+@triton.jit
 def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr,
                     LOG2_D: tl.constexpr):
     """Quantize one head vector at ``src_ptr`` into ``dst_ptr`` (+ its scales at ``scale_ptr``)."""
@@ -89,7 +97,7 @@ def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE
         x = tl.load(src_ptr + offs_d).to(tl.float32)
         scale = tl.max(tl.abs(x), axis=0) / INT8_MAX
         scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX).to(tl.float16)
-        q = tl.floor(tl.math.div_rn(x, scale.to(tl.float32)) + 0.5)
+        q = round_half_up(tl.math.div_rn(x, scale.to(tl.float32)))
         q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
         tl.store(dst_ptr + offs_d, q.to(tl.int8))
         tl.store(scale_ptr, scale)
@@ -106,11 +114,11 @@ def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE
         offset = tl.minimum(tl.maximum(offset, -SCALE_MAX), SCALE_MAX).to(tl.float16).to(tl.float32)
         scale = (hi - offset) / INT4_MAX
         scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX).to(tl.float16).to(tl.float32)
-        u_even = tl.floor(tl.math.div_rn(even - offset, scale) + 0.5)
-        u_odd = tl.floor(tl.math.div_rn(odd - offset, scale) + 0.5)
+        u_even = round_half_up(tl.math.div_rn(even - offset, scale))
+        u_odd = round_half_up(tl.math.div_rn(odd - offset, scale))
         u_even = tl.minimum(tl.maximum(u_even, 0), INT4_MAX).to(tl.uint8)
         u_odd = tl.minimum(tl.maximum(u_odd, 0), INT4_MAX).to(tl.uint8)
-        tl.store(dst_ptr + half, u_even | (u_odd << 4))
+        tl.store(dst_ptr + half, u_even | (u_odd << NIBBLE_BITS))
         tl.store(scale_ptr, scale.to(tl.float16))
         tl.store(scale_ptr + 1, offset.to(tl.float16))
 
@@ -159,4 +167,5 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         BLOCK_SIZE=cache.k.shape[1], HEAD_DIM=head_dim, KV_MODE=KV_MODES[cache.kv_dtype],
-        LOG2_D=int(math.log2(head_dim)))
+        LOG2_D=int(math.log2(head_dim)),
+        num_warps=8 if cache.kv_dtype == "int4" and head_dim >= 128 else 4)   # int4 holds a [D, D] rotation tile
