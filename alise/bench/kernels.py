@@ -107,9 +107,8 @@ def cpu_timing_table(batch: int = 8, seq_len: int = 1024, repeats: int = 20) -> 
     return table(rows, ["kv dtype", f"ms / layer (batch {batch}, {seq_len} ctx, torch reference)"])
 
 
-def gpu_table(batch: int, contexts: list[int]) -> str:
+def gpu_table(batch: int, contexts: list[int], device: str = "cuda") -> str:
     from triton.testing import do_bench
-    device = "cuda"
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for ctx in contexts:
