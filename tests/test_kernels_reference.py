@@ -241,7 +241,7 @@ def test_attention_quantization_error_within_analytical_bound(kv_dtype):
 
 def test_kernel_benchmark_byte_table(capsys):
     from alise.bench import kernels as bench
-    bench.main(["--skip-accuracy", "--budget-gib", "1"])
+    bench.main(["--skip-accuracy", "--budget-gib", "1", "--batch", "2", "--contexts", "256"])
     out = capsys.readouterr().out
     assert "0.516x" in out and "0.281x" in out and "1.000x" in out
     assert ("needs CUDA" in out) != torch.cuda.is_available()
