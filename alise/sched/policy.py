@@ -36,6 +36,9 @@ from alise.sched.cost import CostModel
 from alise.sched.request import Request, Status
 
 
+RUNNING = Status.RUNNING
+
+
 class FCFSPolicy:
     name = "fcfs"
     swap_preempted = False  # vLLM's default: preemption drops the KV and recomputes it later
@@ -68,13 +71,23 @@ class SpeculativePolicy:
                                       self.remaining_output(request))
 
     def rank_key(self, request: Request, now: float) -> tuple:
-        service = self.cost.request_time(len(request.prompt_token_ids), 0,
-                                         request.num_output_tokens + self.remaining_output(request))
+        # called for every queued request at every step: plain arithmetic, no helper calls (cost.request_time
+        # written out twice: for the whole request, and for what remains of it)
+        c = self.cost
+        prompt_len, done = len(request.prompt_token_ids), len(request.output_token_ids)
+        if self.use_true_lengths and request.true_output_len is not None:
+            left = max(request.true_output_len - done, 1)
+        else:
+            left = max((request.predicted_output_len or request.params.max_tokens) - done, 1)
+        total = done + left
+        service = c.prefill_token * prompt_len + total * (c.decode_seq + c.context_token * (prompt_len + total / 2))
         deadline = request.arrival_time + self.max_slowdown * service
         if now >= deadline:                      # overdue: ahead of everyone, earliest deadline first
             return (0, deadline, request.request_id)
-        remaining = self.estimated_remaining_time(request)
-        if request.status is Status.RUNNING:
+        pending = prompt_len + done - request.num_computed_tokens
+        remaining = (c.prefill_token * pending if pending > 1 else 0.0) + left * (
+            c.decode_seq + c.context_token * (request.num_computed_tokens + pending + left / 2))
+        if request.status is RUNNING:
             remaining /= self.preempt_margin
         return (1, remaining, request.arrival_time, request.request_id)
 
