@@ -95,7 +95,7 @@ def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE
         tl.store(dst_ptr + offs_d, x.to(dst_ptr.dtype.element_ty))
     elif KV_MODE == MODE_INT8:
         x = tl.load(src_ptr + offs_d).to(tl.float32)
-        scale = tl.max(tl.abs(x), axis=0) / INT8_MAX
+        scale = tl.math.div_rn(tl.max(tl.abs(x), axis=0), tl.full((), INT8_MAX, tl.float32))   # IEEE, as torch
         scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX).to(tl.float16)
         q = round_half_up(tl.math.div_rn(x, scale.to(tl.float32)))
         q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
@@ -112,7 +112,7 @@ def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE
         hi = tl.maximum(tl.max(even, axis=0), tl.max(odd, axis=0))
         offset = (lo - tl.abs(lo) * OFFSET_MARGIN)
         offset = tl.minimum(tl.maximum(offset, -SCALE_MAX), SCALE_MAX).to(tl.float16).to(tl.float32)
-        scale = (hi - offset) / INT4_MAX
+        scale = tl.math.div_rn(hi - offset, tl.full((), INT4_MAX, tl.float32))
         scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX).to(tl.float16).to(tl.float32)
         u_even = round_half_up(tl.math.div_rn(even - offset, scale))
         u_odd = round_half_up(tl.math.div_rn(odd - offset, scale))
