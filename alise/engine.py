@@ -82,7 +82,8 @@ class LLMEngine:
     def _make_predictor(self, config: EngineConfig):
         from alise.sched.predictor import LengthPredictor
         if config.predictor == "model":
-            embed = functools.partial(_mean_token_embedding, self.model, self.tokenizer)
+            from alise.sched.encoder import TokenEmbeddingMean
+            embed = TokenEmbeddingMean(self.model.embed_tokens.weight, self.tokenizer.encode)
         else:
             embed = _shared_minilm()
         predictor = LengthPredictor(embed=embed, decode=self.tokenizer.decode, seed=config.seed)
@@ -222,14 +223,6 @@ def _shared_minilm():
     """One MiniLM sentence encoder per process, shared by every engine's predictor."""
     from alise.sched.encoder import MiniLM
     return MiniLM.load(cache_size=0)
-
-
-@torch.inference_mode()
-def _mean_token_embedding(model: Llama, tokenizer: Tokenizer, texts: list[str]):
-    """The cheap predictor embedder: the served model's own input embeddings, mean-pooled and normalized."""
-    table = model.embed_tokens.weight
-    rows = [table[torch.tensor(tokenizer.encode(t) or [0], device=table.device)].float().mean(0) for t in texts]
-    return torch.nn.functional.normalize(torch.stack(rows), dim=-1).cpu().numpy()
 
 
 def _as_list(x) -> list[int]:
