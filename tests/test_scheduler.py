@@ -210,3 +210,17 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
         # (max - min) / 15 <= 2 |x| / 15; rotating back keeps the error's norm: |err| <= sqrt(D) |x| / 15
         bound = before.shape[-1] ** 0.5 * before.norm(dim=-1) / 15
         assert (err.norm(dim=-1) <= bound * 1.01 + 1e-5).all()
+
+
+def test_engine_predicts_at_arrival_and_learns_online(tiny_model_dir):
+    from alise import LLM
+    from alise.sched.predictor import DEFAULT_OUTPUT_LEN
+    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise", predictor="model")
+    prompts = [[10 + i, 20 + 2 * i, 30 + 3 * i, 40] for i in range(3)]
+    probe = [200, 201, 202]
+    assert llm.predictor.predict(probe) == DEFAULT_OUTPUT_LEN            # cold start
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (5, 9, 13)])
+    assert [len(o.token_ids) for o in outs] == [5, 9, 13]
+    assert all(o.metrics.predicted_output_len is not None for o in outs)
+    assert len(llm.predictor) == 3                                        # every finished request was observed
+    assert 5 <= llm.predictor.predict(probe) <= 13                        # learned from them, not the default
