@@ -1,0 +1,503 @@
+"""Serving benchmarks: ``python -m alise.bench {sim,serve,make-trace,predictor-errors} ...``
+
+    python -m alise.bench sim --workload sharegpt --policies fcfs,alise,oracle --json out.json --plot out.png
+    python -m alise.bench sim --workload mtbench --train history.jsonl --profile h100-13b --rates 1,2,4
+    python -m alise.bench serve --workload mtbench --policies fcfs,alise --rates 0.5,1 --num-requests 24
+    python -m alise.bench make-trace --out trace.jsonl        # runs the default model on the real prompts
+    python -m alise.bench predictor-errors --trace trace.jsonl  # the real predictor's error, for length-only sims
+
+Metric (DESIGN.md, "Workloads"): normalized latency = mean over requests of end-to-end latency / output tokens
+(s/token). Throughput under a latency bound = the highest request rate whose normalized latency stays under
+the bound (interpolated between swept rates), compared as a ratio between policies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from alise.bench import simulator as S
+from alise.bench import workloads as W
+
+DEFAULT_BOUND_FACTORS = (2.0, 5.0, 10.0)   # bounds relative to the unloaded normalized latency
+STOP_FACTOR = 2.0                            # a run stops early once it is surely above STOP_FACTOR x max bound
+AUTO_RATE_POINTS = 18                        # auto sweep: geometric grid from 5% to 300% of a capacity estimate
+
+
+# -- shared helpers -------------------------------------------------------------------------------------------
+
+def _floats(s: str | None, name: str) -> list[float] | None:
+    if s is None:
+        return None
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}: expected comma-separated numbers, got {s!r}") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise SystemExit(f"--{name}: need positive numbers, got {s!r}")
+    return sorted(vals)
+
+
+def _policies(s: str) -> list[str]:
+    pols = [p.strip() for p in s.split(",") if p.strip()]
+    bad = [p for p in pols if p not in ("fcfs", "alise", "oracle")]
+    if bad or not pols:
+        raise SystemExit(f"--policies: choose from fcfs, alise, oracle; got {s!r}")
+    return pols
+
+
+def load_workload(name: str, n: int | None, seed: int) -> list[W.TraceRequest]:
+    try:
+        return W.workload(name, n, seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def summarize(results: list[dict], bounds: list[float], policies: list[str]) -> tuple[dict, dict, dict, dict]:
+    """max_rate[policy][bound], its note ("", ">=", "<"), ratio_vs_fcfs and ratio_vs_oracle."""
+    max_rate, notes = {}, {}
+    for p in policies:
+        rows = [r for r in results if r["policy"] == p]
+        max_rate[p], notes[p] = {}, {}
+        for b in bounds:
+            rate, note = S.max_rate_under([r["rate"] for r in rows], [r["normalized_latency"] for r in rows], b)
+            max_rate[p][_bkey(b)], notes[p][_bkey(b)] = rate, note
+    ratio = {p: {k: _ratio(max_rate[p][k], max_rate.get("fcfs", {}).get(k)) for k in max_rate[p]} for p in policies}
+    vs_oracle = {p: {k: _ratio(max_rate[p][k], max_rate.get("oracle", {}).get(k)) for k in max_rate[p]}
+                 for p in policies}
+    return max_rate, notes, ratio, vs_oracle
+
+
+def _bkey(b: float) -> str:
+    return f"{b:.4g}"
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b > 0 or math.isnan(a) else a / b
+
+
+def print_results(results: list[dict], file=sys.stdout) -> None:
+    print(f"\n{'policy':<7} {'rate':>7} {'norm.lat':>10} {'mean lat':>9} {'p50 lat':>8} {'p99 lat':>8} {'TTFT':>8} "
+          f"{'tok/s':>8} {'preempt':>8} {'note':<}", file=file)
+    print(f"{'':<7} {'req/s':>7} {'ms/token':>10} {'s':>9} {'s':>8} {'s':>8} {'s':>8} {'':>8} {'':>8}", file=file)
+    for r in sorted(results, key=lambda r: (r["policy"], r["rate"])):
+        note = "stopped: past saturation (lower bound)" if r.get("saturated") else ""
+        if "measured_normalized_latency" in r:
+            note = note or ""
+        print(f"{r['policy']:<7} {r['rate']:>7.3g} {r['normalized_latency'] * 1e3:>10.2f} {r['mean_latency']:>9.2f} "
+              f"{r['p50_latency']:>8.2f} {r['p99_latency']:>8.2f} {r['ttft']:>8.2f} {r['tokens_per_s']:>8.0f} "
+              f"{r.get('num_preemptions', 0):>8} {note}", file=file)
+
+
+def print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, file=sys.stdout) -> None:
+    print(f"\nthroughput under a latency bound (highest rate with normalized latency <= bound; unloaded "
+          f"{unloaded * 1e3:.2f} ms/token)", file=file)
+    head = f"{'policy':<7}" + "".join(f" {'<= ' + f'{b * 1e3:.1f} ms/tok':>17} {'vs FCFS':>8} {'vs oracle':>9}"
+                                     for b in bounds)
+    print(head, file=file)
+    for p in max_rate:
+        row = f"{p:<7}"
+        for b in bounds:
+            k = _bkey(b)
+            note = {"": "", ">=": ">=", "<": "<"}[notes[p][k]]
+            fr = ratio[p][k]
+            orr = vs_oracle[p][k]
+            row += (f" {note + f'{max_rate[p][k]:.3g} req/s':>17} {'-' if fr is None else f'{fr:.2f}x':>8} "
+                    f"{'-' if orr is None else f'{orr:.2f}':>9}")
+        print(row, file=file)
+    print("(>=: never exceeded the bound in the sweep; <: exceeded it even at the lowest rate)", file=file)
+
+
+# -- sim ------------------------------------------------------------------------------------------------------
+
+_CTX: dict = {}      # the sweep's shared state, inherited by forked workers (no pickling of traces)
+
+
+def _run(policy: str, rate: float) -> dict:
+    c = _CTX
+    trace = W.with_arrivals(c["trace"], rate, c["seed"])
+    predictions = None
+    if policy == "alise":
+        if c["has_text"]:
+            predictions = S.RealPredictions(S.make_real_predictor(c["train"], c["seed"], embed=c["embed"]))
+        else:
+            predictions = S.SampledPredictions(c["errors"], c["seed"] + 1)
+    t0 = time.perf_counter()
+    res = S.simulate(trace, policy, c["profile"], predictions=predictions, stop_above=c["stop_above"])
+    m = res.metrics()
+    m["rate"] = rate
+    m["sim_seconds"] = time.perf_counter() - t0
+    if policy == "alise":
+        m["predictions"] = c["predictions_note"]
+        if not res.saturated:
+            from alise.bench.predictor import kendall_tau
+            m["prediction_kendall_tau"] = kendall_tau(res.predicted_at_arrival, res.output_len)
+    return m
+
+
+def _init_worker() -> None:
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def sweep(policies: list[str], rates: list[float], workers: int, progress: bool = True) -> list[dict]:
+    """Each policy climbs the rate grid; after a run stopped past saturation its higher rates are skipped."""
+    from tqdm.auto import tqdm
+    results: list[dict] = []
+    nxt = {p: 0 for p in policies}
+    bar = tqdm(total=len(policies) * len(rates), desc="sim", unit="run", disable=not progress)
+
+    def done(p, m):
+        results.append(m)
+        bar.update(1)
+        bar.set_postfix_str(f"{p} {m['rate']:.3g} req/s: {m['normalized_latency'] * 1e3:.1f} ms/tok")
+        if m.get("saturated"):
+            bar.update(len(rates) - nxt[p])
+            nxt[p] = len(rates)
+
+    if workers <= 1:
+        for p in policies:
+            while nxt[p] < len(rates):
+                rate = rates[nxt[p]]
+                nxt[p] += 1
+                done(p, _run(p, rate))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker) as ex:
+            inflight = {}
+            while True:
+                for p in policies:
+                    if len(inflight) >= workers:
+                        break
+                    if p not in inflight.values() and nxt[p] < len(rates):
+                        inflight[ex.submit(_run, p, rates[nxt[p]])] = p
+                        nxt[p] += 1
+                if not inflight:
+                    break
+                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for f in finished:
+                    done(inflight.pop(f), f.result())
+    bar.close()
+    return results
+
+
+def auto_rates(trace, profile, points: int = AUTO_RATE_POINTS) -> list[float]:
+    cap = S.capacity_estimate(trace, profile)
+    return [float(f"{r:.3g}") for r in cap * np.geomspace(0.05, 3.0, points)]
+
+
+def cmd_sim(args) -> dict:
+    policies = _policies(args.policies)
+    trace = load_workload(args.workload, args.num_requests, args.seed)
+    try:
+        profile = S.get_profile(args.profile, max_num_seqs=args.max_num_seqs, swap_gb=args.swap_gb)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.profile and Path(args.profile).is_file() and args.max_num_seqs:
+        profile.max_num_seqs = args.max_num_seqs
+    has_text = all(t.prompt for t in trace)
+    errors = S.ErrorModel.load(args.errors)
+    if "alise" not in policies:
+        note = "none (no alise policy)"
+    elif has_text:
+        note = ("real LengthPredictor (MiniLM retrieval + MLP) on the prompts, learning online"
+                + (f", store warmed with {args.train}" if args.train else ", cold start (no --train)"))
+    else:
+        note = ("the workload has no prompt text, so the real predictor cannot run: ALISE's predictions are "
+                f"sampled from the real predictor's error distribution ({errors.source})")
+    if args.train and has_text:
+        train_prompts = {json.loads(l).get("prompt") for l in Path(args.train).read_text().splitlines() if l.strip()}
+        overlap = sum(t.prompt in train_prompts for t in trace)
+        if overlap:
+            print(f"warning: {overlap} of {len(trace)} measured requests have prompts that are also in --train",
+                  file=sys.stderr)
+    unloaded = S.unloaded_normalized_latency(trace, profile)
+    bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
+    rates = _floats(args.rates, "rates") or auto_rates(trace, profile)
+    embed = None
+    if has_text and "alise" in policies:
+        embed = S.CachedEmbed()
+        texts = list(dict.fromkeys([t.prompt for t in trace]))
+        if args.train:
+            texts += [json.loads(l)["prompt"] for l in Path(args.train).read_text().splitlines() if l.strip()]
+        print(f"embedding {len(set(texts))} prompts for the predictor (MiniLM)...", file=sys.stderr)
+        for i in range(0, len(texts), 256):
+            embed(texts[i:i + 256])
+    p_mean = np.mean([t.prompt_len for t in trace])
+    o_mean = np.mean([t.output_len for t in trace])
+    print(f"workload: {args.workload}, {len(trace)} requests (seed {args.seed}), mean input {p_mean:.1f} / output "
+          f"{o_mean:.1f} tokens")
+    print(f"profile: {profile.name} [{profile.kind}]: {profile.description}")
+    print(f"  cost model: {profile.cost}; max_num_seqs {profile.max_num_seqs}, max_num_batched_tokens "
+          f"{profile.max_num_batched_tokens}")
+    print(f"predictions: {note}")
+    print(f"unloaded normalized latency {unloaded * 1e3:.2f} ms/token; bounds: "
+          + ", ".join(f"{b * 1e3:.2f} ms/token ({b / unloaded:.3g}x)" for b in bounds)
+          + ("" if args.bounds else " (default: 2x, 5x, 10x unloaded)"))
+    print(f"rates: {', '.join(f'{r:g}' for r in rates)} req/s" + ("" if args.rates else " (auto)"))
+    stop_above = STOP_FACTOR * max(bounds)
+    _CTX.update(trace=trace, profile=profile, seed=args.seed, has_text=has_text, errors=errors, train=args.train,
+                embed=embed, stop_above=stop_above, predictions_note=note)
+    t0 = time.perf_counter()
+    workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
+    results = sweep(policies, rates, workers, progress=not args.quiet)
+    elapsed = time.perf_counter() - t0
+    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies)
+    print_results(results)
+    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle)
+    print(f"\n{len(results)} simulations in {elapsed:.1f} s ({workers} worker(s)); runs stop early once their "
+          f"normalized latency is surely above {stop_above * 1e3:.1f} ms/token ({STOP_FACTOR:g}x the largest bound)")
+    report = {
+        "kind": "simulation", "workload": args.workload, "num_requests": len(trace), "seed": args.seed,
+        "mean_prompt_len": float(p_mean), "mean_output_len": float(o_mean),
+        "profile": profile.to_json(), "predictions": note, "unloaded_normalized_latency": unloaded,
+        "bounds": bounds, "rates": rates, "stop_above": stop_above,
+        "results": sorted(results, key=lambda r: (r["policy"], r["rate"])),
+        "max_rate": max_rate, "max_rate_note": notes, "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
+        "title": f"{args.workload} on {profile.name} ({profile.kind}), {len(trace)} requests",
+        "command": " ".join(["python -m alise.bench"] + sys.argv[1:]),
+    }
+    _write(report, args)
+    return report
+
+
+def _write(report: dict, args) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        from alise.bench.plot import plot_sweep
+        plot_sweep(report, args.plot)
+        print(f"wrote {args.plot}")
+
+
+# -- serve ----------------------------------------------------------------------------------------------------
+
+def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: str, progress=None) -> dict:
+    """Replay ``trace`` on the real engine with wall-clock Poisson arrivals at ``rate``; per-request metrics."""
+    from alise import SamplingParams
+    engine = llm.engine
+    timed = W.with_arrivals(trace, rate, seed)
+    order = sorted(range(len(timed)), key=lambda i: timed[i].arrival)
+    ids: dict[int, str] = {}
+    start = time.monotonic()
+    nxt = 0
+    while nxt < len(order) or engine.has_unfinished():
+        now = time.monotonic() - start
+        while nxt < len(order) and timed[order[nxt]].arrival <= now:
+            i = order[nxt]
+            t = timed[i]
+            params = SamplingParams(temperature=0.0, max_tokens=t.max_tokens or t.output_len, ignore_eos=True)
+            # text goes in as text (the engine tokenizes it as make-trace did, and the predictor reads it)
+            prompt = t.prompt if t.prompt else [1 + (j % 1000) for j in range(t.prompt_len)]
+            rid = engine.add_request(prompt, params, arrival_time=start + t.arrival)
+            engine.requests[rid].true_output_len = t.output_len     # for the oracle policy
+            ids[i] = rid
+            nxt += 1
+        if engine.has_unfinished():
+            engine.step()
+        elif nxt < len(order):
+            time.sleep(max(0.0, timed[order[nxt]].arrival - (time.monotonic() - start)))
+        if progress is not None:
+            progress.update(sum(engine.requests[r].is_finished for r in ids.values()) - progress.n)
+    reqs = [engine.requests[ids[i]] for i in range(len(timed))]
+    lat = np.array([r.finish_time - r.arrival_time for r in reqs])
+    out = np.array([max(1, r.num_output_tokens) for r in reqs])
+    ttft = np.array([(r.first_token_time or r.finish_time) - r.arrival_time for r in reqs])
+    span = max(r.finish_time for r in reqs) - start
+    m = {"policy": policy, "rate": rate, "normalized_latency": float(np.mean(lat / out)),
+         "mean_latency": float(lat.mean()), "p50_latency": float(np.percentile(lat, 50)),
+         "p99_latency": float(np.percentile(lat, 99)), "ttft": float(ttft.mean()),
+         "tokens_per_s": float(out.sum() / span), "num_requests": len(reqs),
+         "num_preemptions": int(sum(r.num_preemptions for r in reqs)), "output_lens": out.tolist()}
+    for rid in ids.values():
+        del engine.requests[rid]
+    return m
+
+
+def cmd_serve(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from alise import LLM
+    policies = _policies(args.policies)
+    trace = load_workload(args.workload, args.num_requests, args.seed)
+    if args.max_tokens:
+        trace = [W.TraceRequest(t.prompt_len, min(t.output_len, args.max_tokens), t.prompt, None,
+                                min(t.output_len, args.max_tokens), t.source) for t in trace]
+    else:
+        trace = [W.TraceRequest(t.prompt_len, t.output_len, t.prompt, None, t.output_len, t.source) for t in trace]
+    rates = _floats(args.rates, "rates") or [0.25, 0.5, 1.0]
+    print(f"serve: {args.workload}, {len(trace)} requests, outputs fixed to the trace's lengths "
+          f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
+          f"mean input {np.mean([t.prompt_len for t in trace]):.0f} / output "
+          f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
+    results, samples = [], []
+    engines = {}
+    for p in policies:
+        kw = dict(scheduler=p, max_num_seqs=args.max_num_seqs, seed=args.seed)
+        if args.kv_cache_blocks:
+            kw["kv_cache_blocks"] = args.kv_cache_blocks
+        if args.train and p == "alise":
+            kw["predictor_history"] = args.train
+        llm = LLM(args.model, **kw)
+        engines[p] = llm
+        for rate in rates:
+            with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
+                m = serve_run(llm, trace, rate, args.seed, p, bar)
+            results.append(m)
+            samples += list(llm.engine.step_samples)
+            llm.engine.step_samples.clear()
+    # calibration: the simulator with a cost model fitted to the engine's own measured steps, same trace
+    eng = next(iter(engines.values())).engine
+    sched = eng.scheduler
+    profile = S.fitted_profile(samples, num_blocks=sched.allocator.num_blocks, block_size=sched.allocator.block_size,
+                               max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+                               max_model_len=eng.max_model_len, swap_capacity_bytes=sched.swap_space.capacity_bytes,
+                               swap_bytes_per_token=sched.swap_space.bytes_per_token, swap_bandwidth=5e9,
+                               name=f"cpu-{args.model}")
+    print(f"\nfitted cost model from {len(samples)} measured steps: {profile.cost} ({profile.description})")
+    if args.save_profile:
+        profile.save(args.save_profile)
+        print(f"wrote {args.save_profile}")
+    errors = S.ErrorModel.load(args.errors)
+    calib = []
+    for m in results:
+        served_trace = [W.TraceRequest(t.prompt_len, n, t.prompt, None, n, t.source)
+                        for t, n in zip(trace, m["output_lens"])]
+        timed = W.with_arrivals(served_trace, m["rate"], args.seed)
+        preds = None
+        if m["policy"] == "alise":
+            if all(t.prompt for t in timed):
+                preds = S.RealPredictions(S.make_real_predictor(args.train, args.seed))
+            else:
+                preds = S.SampledPredictions(errors, args.seed + 1)
+        sim = S.simulate(timed, m["policy"], profile, predictions=preds).metrics()
+        m["simulated_normalized_latency"] = sim["normalized_latency"]
+        m["simulated_mean_latency"] = sim["mean_latency"]
+        calib.append(m)
+    print_results(results)
+    print(f"\ncalibration: simulated (fitted cost model) vs measured normalized latency, same trace and arrivals")
+    print(f"{'policy':<7} {'rate':>6} {'measured':>10} {'simulated':>10} {'sim/meas':>9}")
+    for m in calib:
+        print(f"{m['policy']:<7} {m['rate']:>6.3g} {m['normalized_latency'] * 1e3:>8.1f}ms "
+              f"{m['simulated_normalized_latency'] * 1e3:>8.1f}ms "
+              f"{m['simulated_normalized_latency'] / m['normalized_latency']:>9.2f}")
+    unloaded = S.unloaded_normalized_latency(trace, profile)
+    bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
+    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies)
+    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle)
+    for m in results:
+        m.pop("output_lens", None)
+    report = {"kind": "serve", "workload": args.workload, "model": args.model, "num_requests": len(trace),
+              "seed": args.seed, "profile": profile.to_json(), "unloaded_normalized_latency": unloaded,
+              "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
+              "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
+              "title": f"serve: {args.workload} on {args.model} (CPU, measured), {len(trace)} requests",
+              "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
+    _write(report, args)
+    return report
+
+
+# -- make-trace, predictor-errors -------------------------------------------------------------------------
+
+def cmd_make_trace(args) -> None:
+    recs = W.make_trace(args.out, max_tokens=args.max_tokens, limit=args.limit, max_num_seqs=args.max_num_seqs)
+    print(f"appended {len(recs)} records to {args.out}")
+
+
+def cmd_predictor_errors(args) -> dict:
+    if args.trace:
+        path = Path(args.trace)
+        recs = [(t.prompt, t.output_len) for t in W.load_trace(path) if t.prompt]
+        source = f"{path.name}: our model's output lengths"
+    else:
+        from alise.bench.predictor import build_proxy
+        tmp = Path(args.proxy_out)
+        recs = [(r["prompt"], r["output_len"]) for r in build_proxy(tmp)]
+        source = ("proxy set: LMSYS dummy conversations + MT-Bench reference answers (reference answers' token "
+                  "counts), see alise/bench/predictor.py")
+    m = S.measure_errors(recs, max_tokens=args.max_tokens, history_frac=args.history_frac, seed=args.seed,
+                         source=source, dedup=not args.keep_duplicates)
+    m["source"] = (f"{source}; {'' if args.keep_duplicates else 'one record per distinct prompt, '}"
+                   f"{m['num_history']} warm the store, {m['num_test']} arrive online (seed {args.seed})")
+    Path(args.out).write_text(json.dumps(m, indent=1) + "\n")
+    print(f"median |log(pred/true)| {m['arrival_median_abs_log_ratio']:.3f}, Kendall tau "
+          f"{m['arrival_kendall_tau']:.3f}, MAE {m['arrival_mae_tokens']:.1f} tokens over {m['num_test']} requests; "
+          f"{m['num_remaining']} re-estimates; wrote {args.out}")
+    return m
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m alise.bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | mtbench | a trace file (JSONL)")
+        p.add_argument("--policies", default="fcfs,alise,oracle")
+        p.add_argument("--rates", help="comma-separated request rates (req/s); default: automatic sweep")
+        p.add_argument("--bounds", help="normalized-latency bounds (s/token); default 2x, 5x, 10x unloaded")
+        p.add_argument("--num-requests", type=int, default=None)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--train", help="JSONL {prompt, output_len}: warms the real predictor's store")
+        p.add_argument("--errors", help=f"predictor error distribution JSON (default {S.ERRORS_PATH.name})")
+        p.add_argument("--json", help="write the report here")
+        p.add_argument("--plot", help="write the normalized-latency plot (PNG) here")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sim", help="discrete-event simulation on a GPU profile (or a fitted one)")
+    common(s)
+    s.add_argument("--profile", help=f"<accelerator>-<model> roofline model (default {S.DEFAULT_PROFILE}; "
+                   f"accelerators {sorted(S.ACCELERATORS)}, models {sorted(S.MODELS)}) or a profile JSON")
+    s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--swap-gb", type=float, default=16.0, help="host swap space for preempted KV (GiB)")
+    s.add_argument("--workers", type=int, default=0, help="processes (default: one per policy, up to the CPUs)")
+    s.set_defaults(func=cmd_sim, num_requests=1000)
+
+    v = sub.add_parser("serve", help="the same measurement on the real engine (wall clock) + calibration")
+    common(v)
+    v.add_argument("--model", default="smollm2")
+    v.add_argument("--max-num-seqs", type=int, default=16)
+    v.add_argument("--kv-cache-blocks", type=int, default=None)
+    v.add_argument("--max-tokens", type=int, default=64, help="cap the trace's output lengths (CPU is slow)")
+    v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
+    v.set_defaults(func=cmd_serve, num_requests=24, workload="mtbench")
+
+    t = sub.add_parser("make-trace", help="run the default model on the real prompts; write their lengths")
+    t.add_argument("--out", required=True)
+    t.add_argument("--max-tokens", type=int, default=W.TRACE_MAX_TOKENS)
+    t.add_argument("--limit", type=int, default=None, help="stop after this many distinct prompts")
+    t.add_argument("--max-num-seqs", type=int, default=64)
+    t.set_defaults(func=cmd_make_trace)
+
+    e = sub.add_parser("predictor-errors", help="measure the real predictor's error (for length-only sims)")
+    e.add_argument("--trace", help="a trace with prompts (default: the LMSYS + MT-Bench proxy set)")
+    e.add_argument("--proxy-out", default="/tmp/alise_proxy.jsonl")
+    e.add_argument("--out", default=str(S.ERRORS_PATH))
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--history-frac", type=float, default=0.5)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--keep-duplicates", action="store_true",
+                   help="keep repeated prompts (retrieval then finds exact repeats; optimistic for unique-prompt sets)")
+    e.set_defaults(func=cmd_predictor_errors)
+    return ap
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Plots for the serving benchmarks: normalized latency against request rate, one line per policy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = {"fcfs": "tab:blue", "alise": "tab:red", "oracle": "tab:green"}
+MARKERS = {"fcfs": "o", "alise": "s", "oracle": "^"}
+LABELS = {"fcfs": "FCFS (vLLM)", "alise": "ALISE", "oracle": "Oracle (true lengths)"}
+
+
+def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path:
+    """Normalized latency (s/token) vs request rate (req/s) from a ``sim`` / ``serve`` JSON report.
+
+    The paper's figure style: one line per policy, the latency bounds as dashed horizontal lines. Runs stopped
+    early past saturation (their value is a lower bound) are drawn hollow at the top of the axis.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    results = report["results"]
+    bounds = report.get("bounds", [])
+    top = 1.3 * max(bounds) if bounds else None
+    for policy in dict.fromkeys(r["policy"] for r in results):
+        rows = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
+        xs = [r["rate"] for r in rows]
+        ys = [min(r["normalized_latency"], top) if top else r["normalized_latency"] for r in rows]
+        color, marker = COLORS.get(policy), MARKERS.get(policy, "o")
+        ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8, markersize=5)
+        sat = [(x, y) for x, y, r in zip(xs, ys, rows) if r.get("saturated")]
+        if sat:
+            ax.plot(*zip(*sat), linestyle="none", marker=marker, markersize=8, markerfacecolor="white",
+                    color=color)
+    for b in bounds:
+        ax.axhline(b, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(ax.get_xlim()[0], b, f" {b:.3g}", va="bottom", ha="left", fontsize=7, color="gray")
+    if top:
+        ax.set_ylim(0, top)
+    ax.set_xlabel("Request rate (req/s)")
+    ax.set_ylabel("Normalized latency (s/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    ax.set_title(title or report.get("title", ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,642 @@
+"""Discrete-event simulator: the engine's scheduler on a clock instead of a model.
+
+What is real here, and shared with the engine: ``Scheduler``, ``BlockAllocator``, ``SwapSpace``, the policies
+(``make_policy``) and, for workloads with text, the ``LengthPredictor``. ``simulate`` drives them exactly as
+``LLMEngine.step`` does:
+
+1. requests whose arrival time has come are added between steps (``predicted_output_len`` is set at arrival
+   by the predictor, as ``add_request`` does; a prompt the engine would refuse is an error here);
+2. ``scheduler.schedule(now)`` picks the step;
+3. the executor is the clock: the step takes ``CostModel.step_time(num_prefill_tokens, num_decode_seqs,
+   context)`` (context = the batch's cached tokens before the step, as ``engine._record_step`` measures it)
+   plus the swap traffic (tokens swapped out or in x bytes per swapped token / swap bandwidth);
+4. every request in the batch advances ``num_computed_tokens``; one whose pending tokens are all computed
+   samples a token (the first sets ``first_token_time``); it finishes at its true output length ("stop"), or at
+   the engine's "length" limits; otherwise, when it has outlived its prediction, the predictor re-estimates
+   (``predict_remaining``); finished requests go to ``scheduler.finish`` and ``predictor.observe``.
+
+Time advances by the cost model only. The profile (``Profile``) holds the cost model, the KV pool (blocks),
+the batch limits and the swap space and bandwidth. Profiles:
+
+* ``roofline_profile("a100-7b")`` etc.: a *model* of an accelerator serving a Llama-2-sized model, derived
+  from datasheet numbers (see ``ACCELERATORS``, ``MODELS`` and ``roofline_step_time``), not a measurement.
+* ``Profile.load(path)``: a profile fitted from the real engine's measured step times (``fitted_profile``,
+  written by ``python -m alise.bench serve``).
+
+Predictions. With text (a trace with prompts), the real ``LengthPredictor`` runs (optionally warmed with
+``--train`` history). Without text (the length-only ShareGPT / Alpaca shapes), it cannot: the ALISE policy's
+predictions are then drawn from the real predictor's *error distribution* measured on the real-text workload
+(``ErrorModel``: log(predicted / true) at arrival and log(re-estimate / true remaining) when outlived, stored
+in ``predictor_errors.json`` beside this file), and the output says so.
+
+Left out (not modelled): the predictor's own latency and the scheduler's CPU time (the cost model's
+per-step overhead stands for all host-side time); variation of step time beyond the cost model; overlap of
+swap traffic with compute (swaps are serial with the step, as in the engine); network and tokenization time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alise.bench.workloads import TraceRequest
+from alise.sampling import SamplingParams
+from alise.sched.blocks import BlockAllocator, SwapSpace
+from alise.sched.cost import CostModel
+from alise.sched.policy import make_policy
+from alise.sched.request import Request
+from alise.sched.scheduler import Scheduler
+
+GiB = 1 << 30
+ERRORS_PATH = Path(__file__).with_name("predictor_errors.json")
+
+
+# -- profiles -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """Everything the simulator needs to know about the machine: the cost model and the memory."""
+    name: str
+    cost: CostModel
+    num_blocks: int                       # KV pool, in blocks
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    swap_capacity_bytes: int = 16 * GiB
+    swap_bytes_per_token: int = 1
+    swap_bandwidth: float = 25e9           # bytes/s between the KV pool and host memory
+    kind: str = "model"                    # "roofline model" | "fitted"
+    description: str = ""
+
+    def swap_time(self, num_tokens: int) -> float:
+        return num_tokens * self.swap_bytes_per_token / self.swap_bandwidth
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["cost"] = asdict(self.cost)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        d = dict(d)
+        d["cost"] = CostModel(**d["cost"])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a simulator profile ({e})") from None
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    memory_bytes: float          # device memory
+    bandwidth: float             # peak memory bandwidth, bytes/s
+    flops: float                 # peak dense bf16 FLOP/s (no sparsity)
+    host_bandwidth: float        # effective host<->device copy bandwidth, bytes/s (PCIe)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    params: float
+    layers: int
+    hidden: int                  # query heads x head_dim
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:        # bf16 K and V, all layers
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+# datasheet peaks; host bandwidth ~80% of the PCIe link (gen4 x16: 32 GB/s, gen5 x16: 64 GB/s)
+ACCELERATORS = {
+    "a100": Accelerator("A100-SXM4-80GB", 80e9, 2.039e12, 312e12, 25e9),
+    "a100-40g": Accelerator("A100-SXM4-40GB", 40e9, 1.555e12, 312e12, 25e9),
+    "h100": Accelerator("H100-SXM5-80GB", 80e9, 3.35e12, 989e12, 50e9),
+    "a10g": Accelerator("A10G-24GB", 24e9, 0.6e12, 125e12, 12e9),
+}
+# Llama-2 shapes
+MODELS = {
+    "7b": ModelShape("Llama-2-7B", 6.74e9, 32, 4096, 32, 128),
+    "13b": ModelShape("Llama-2-13B", 13.0e9, 40, 5120, 40, 128),
+}
+# roofline assumptions (ours): attainable fractions of peak, fixed host-side time per step, memory use
+BANDWIDTH_EFFICIENCY = 0.8       # streaming reads reach ~80% of peak HBM bandwidth
+FLOPS_EFFICIENCY = 0.6           # large bf16 GEMMs reach ~60% of peak
+STEP_OVERHEAD = 3e-3             # s per step: Python scheduling, input preparation, kernel launches
+# KV pool = GPU_MEMORY_UTILIZATION x device memory - weights - ACTIVATION_RESERVE; these two reproduce the
+# vLLM paper's Table 1 (a 13B model on one A100-40GB leaves about 12 GB for KV; we get 11 GB)
+GPU_MEMORY_UTILIZATION = 0.95
+ACTIVATION_RESERVE = 1e9         # bytes kept for activations
+
+
+def roofline_step_time(acc: Accelerator, model: ModelShape, prefill_tokens: float, decode_seqs: float,
+                       context_tokens: float, prefill_context: float = 0.0) -> float:
+    """Roofline time of one step: fixed overhead + max(bytes / bandwidth, FLOPs / peak), at attainable rates.
+
+    Bytes: the weights once, the cached K/V attended over (``context_tokens``), the new K/V written.
+    FLOPs: 2 x params per new token, plus attention (QK and PV, 2 FLOPs each per head dim) over the context of
+    decodes and, for prefill tokens, over their average ``prefill_context``.
+    """
+    new = prefill_tokens + decode_seqs
+    byts = 2 * model.params + (context_tokens + new) * model.kv_bytes_per_token
+    attn = 4 * model.layers * model.hidden * (context_tokens + prefill_tokens * prefill_context)
+    flops = 2 * model.params * new + attn
+    return STEP_OVERHEAD + max(byts / (acc.bandwidth * BANDWIDTH_EFFICIENCY), flops / (acc.flops * FLOPS_EFFICIENCY))
+
+
+def roofline_profile(name: str, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                     swap_gb: float = 16.0, swap_kv_dtype: str = "int8") -> Profile:
+    """A roofline *model* of ``"<accelerator>-<model>"`` (e.g. "a100-7b", "h100-13b").
+
+    The step time is the roofline (``roofline_step_time``); the engine's ``CostModel`` is linear, so its four
+    coefficients are fitted (least squares on relative error, non-negative) to the roofline over the steps
+    this scheduler produces: decode batches of 1..max_num_seqs over 64..2048 cached tokens each, alone and
+    with a prefill chunk of 16..max_num_batched_tokens tokens. The fit's error is in the description.
+    KV pool: ``GPU_MEMORY_UTILIZATION`` of device memory, minus bf16 weights and ``ACTIVATION_RESERVE``,
+    over bf16 KV bytes per token. Swap: ``swap_gb`` of host memory holding preempted KV compressed to
+    ``swap_kv_dtype`` (the engine's default int8), moved at the host link's bandwidth.
+    """
+    try:
+        acc_name, model_name = name.lower().rsplit("-", 1)
+        acc, model = ACCELERATORS[acc_name], MODELS[model_name]
+    except (ValueError, KeyError):
+        raise ValueError(f"profile must be <accelerator>-<model> with accelerator in {sorted(ACCELERATORS)} and "
+                         f"model in {sorted(MODELS)} (e.g. 'a100-7b'), or a profile JSON file; got {name!r}") from None
+    from alise import kernels
+    rows = []
+    for b in [0, 1, 2, 4, 8, 16, 32, 64, 128, 192, 256]:
+        if b > max_num_seqs:
+            continue
+        for ctx in [64, 256, 512, 1024, 2048]:
+            for p in [0, 16, 64, 256, 512, 1024, 2048]:
+                if p > max_num_batched_tokens - b or (b == 0 and p == 0):
+                    continue
+                pctx = ctx / 2 if p else 0.0   # a chunk attends over half a context on average
+                total_ctx = b * ctx + (pctx if p else 0)
+                rows.append((p, b, total_ctx, roofline_step_time(acc, model, p, b, b * ctx, pctx)))
+    cost, rel = fit_cost_model(rows, relative=True)
+    block_size = 16
+    pool = GPU_MEMORY_UTILIZATION * acc.memory_bytes - 2 * model.params - ACTIVATION_RESERVE
+    if pool <= 0:
+        raise ValueError(f"{model.name} does not fit on one {acc.name}")
+    num_blocks = int(pool // (model.kv_bytes_per_token * block_size))
+    swap_bpt = model.layers * kernels.bytes_per_token(swap_kv_dtype, model.kv_heads, model.head_dim)
+    return Profile(
+        name=name.lower(), cost=cost, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, max_model_len=4096,
+        swap_capacity_bytes=int(swap_gb * GiB), swap_bytes_per_token=swap_bpt, swap_bandwidth=acc.host_bandwidth,
+        kind="roofline model",
+        description=(f"roofline model (not a measurement) of {model.name} (bf16) on one {acc.name}: "
+                     f"{acc.bandwidth / 1e12:.2f} TB/s x {BANDWIDTH_EFFICIENCY}, {acc.flops / 1e12:.0f} TFLOP/s x "
+                     f"{FLOPS_EFFICIENCY}, {STEP_OVERHEAD * 1e3:.0f} ms/step overhead; KV pool {num_blocks} blocks "
+                     f"x {block_size} = {num_blocks * block_size} tokens; swap {swap_gb:g} GiB ({swap_kv_dtype}) at "
+                     f"{acc.host_bandwidth / 1e9:.0f} GB/s; linear cost fit to the roofline: mean |rel. err| "
+                     f"{rel[0]:.1%}, max {rel[1]:.1%}"))
+
+
+def fit_cost_model(rows, relative: bool = False) -> tuple[CostModel, tuple[float, float]]:
+    """Non-negative least squares of ``CostModel`` to ``(prefill, decode_seqs, context, seconds)`` rows.
+
+    ``relative``: weight each row by 1 / seconds (fits relative error, so short decode steps count as much as
+    long prefills). Returns the model and (mean, max) relative error over the rows.
+    """
+    data = np.asarray(rows, dtype=np.float64)
+    a = np.column_stack([np.ones(len(data)), data[:, :3]])
+    b = data[:, 3]
+    w = 1.0 / b if relative else np.ones_like(b)
+    coef = _nnls(a * w[:, None], b * w)
+    pred = a @ coef
+    rel = np.abs(pred - b) / b
+    return CostModel(*map(float, coef)), (float(rel.mean()), float(rel.max()))
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with x >= 0 (active set by dropping the most negative coefficient; 4 unknowns)."""
+    active = list(range(a.shape[1]))
+    while True:
+        x = np.zeros(a.shape[1])
+        if active:
+            x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (x >= 0).all() or not active:
+            return np.maximum(x, 0)
+        neg = [i for i in active if x[i] < 0]
+        active.remove(min(neg, key=lambda i: x[i]))
+
+
+def fitted_profile(samples, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                   max_model_len: int, swap_capacity_bytes: int, swap_bytes_per_token: int,
+                   swap_bandwidth: float, name: str = "fitted") -> Profile:
+    """A profile whose cost model is ``CostModel.fit`` on the engine's measured step times."""
+    cost = CostModel.fit(list(samples))
+    _, rel = fit_cost_model(samples)
+    return Profile(name=name, cost=cost, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                   swap_capacity_bytes=swap_capacity_bytes, swap_bytes_per_token=swap_bytes_per_token,
+                   swap_bandwidth=swap_bandwidth, kind="fitted",
+                   description=f"CostModel.fit on {len(samples)} measured engine steps (mean |rel. err| {rel[0]:.1%})")
+
+
+def get_profile(spec: str | None, **kw) -> Profile:
+    """A profile by name ("a100-7b") or from a JSON file; None: the default ("a100-7b")."""
+    spec = spec or DEFAULT_PROFILE
+    if Path(spec).is_file():
+        return Profile.load(spec)
+    return roofline_profile(spec, **kw)
+
+
+DEFAULT_PROFILE = "a100-40g-13b"   # the vLLM paper's setup (13B model, one A100-40GB), which ALISE compares against
+
+
+# -- predictions ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ErrorModel:
+    """The real predictor's measured error, to sample predictions for requests without text.
+
+    ``arrival``: quantiles of log(predicted / true) at arrival; ``remaining``: quantiles of
+    log(re-estimate / true remaining) when a request outlives its prediction. Sampled by inverse CDF.
+    """
+    arrival: np.ndarray
+    remaining: np.ndarray
+    source: str = ""
+    measured: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "ErrorModel":
+        path = Path(path) if path else ERRORS_PATH
+        if not path.exists():
+            return cls.default()
+        d = json.loads(path.read_text())
+        return cls(np.asarray(d["arrival_log_ratio_quantiles"]), np.asarray(d["remaining_log_ratio_quantiles"]),
+                   source=d.get("source", str(path)), measured=True)
+
+    @classmethod
+    def default(cls) -> "ErrorModel":
+        """Not measured: log-ratio ~ Normal(0, 0.8) at arrival, Normal(0, 0.8) for re-estimates (a guess:
+        about half of predictions within a factor 1.7 of the truth)."""
+        q = np.sqrt(2) * 0.8 * _erfinv(2 * np.linspace(0.005, 0.995, 101) - 1)
+        return cls(q, q.copy(), source="default guess: log-ratio ~ Normal(0, 0.8), not measured", measured=False)
+
+    def sample(self, which: str, rng: np.random.Generator) -> float:
+        q = self.arrival if which == "arrival" else self.remaining
+        u = rng.random() * (len(q) - 1)
+        i = int(u)
+        return float(q[i] + (q[min(i + 1, len(q) - 1)] - q[i]) * (u - i))
+
+
+def _erfinv(y: np.ndarray) -> np.ndarray:
+    """Inverse error function by Newton steps on math.erf (small arrays only)."""
+    x = np.zeros_like(y)
+    for _ in range(60):
+        err = np.array([math.erf(v) for v in x]) - y
+        x -= err / (2 / math.sqrt(math.pi) * np.exp(-x ** 2))
+    return x
+
+
+class SampledPredictions:
+    """Predictions drawn from an ``ErrorModel`` around the true lengths (length-only workloads)."""
+
+    def __init__(self, errors: ErrorModel, seed: int = 0):
+        self.errors, self.rng = errors, np.random.default_rng(seed)
+
+    def at_arrival(self, r: Request, t: TraceRequest) -> int:
+        est = t.output_len * math.exp(self.errors.sample("arrival", self.rng))
+        return _clamp(est, 1, r.params.max_tokens)
+
+    def when_outlived(self, r: Request, t: TraceRequest) -> int:
+        g = r.num_output_tokens
+        true_rem = max(t.output_len - g, 1)
+        est = true_rem * math.exp(self.errors.sample("remaining", self.rng))
+        return g + _clamp(est, 1, max(1, r.params.max_tokens - g))
+
+    def finished(self, r: Request, t: TraceRequest) -> None:
+        pass
+
+
+class RealPredictions:
+    """The engine's ``LengthPredictor`` on the request's text, exactly as ``LLMEngine`` calls it."""
+
+    def __init__(self, predictor):
+        self.p = predictor
+
+    def at_arrival(self, r: Request, t: TraceRequest) -> int:
+        return self.p.predict(t.prompt, max_tokens=r.params.max_tokens)
+
+    def when_outlived(self, r: Request, t: TraceRequest) -> int:
+        return r.num_output_tokens + self.p.predict_remaining(t.prompt, r.num_output_tokens,
+                                                              max_tokens=r.params.max_tokens)
+
+    def finished(self, r: Request, t: TraceRequest) -> None:
+        self.p.observe(t.prompt, r.num_output_tokens)
+
+
+def _clamp(v: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, int(round(v))))
+
+
+class CachedEmbed:
+    """The engine's default embedder (MiniLM) with a cache that outlives one predictor, so that every run of
+    a sweep builds a fresh predictor (its own online learning) without embedding the same prompts again."""
+
+    def __init__(self, embed=None):
+        self._embed, self.cache = embed, {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        miss = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if miss:
+            if self._embed is None:
+                from alise.sched.encoder import MiniLM
+                self._embed = MiniLM.load(cache_size=0)
+            for t, e in zip(miss, np.asarray(self._embed(miss), dtype=np.float32)):
+                self.cache[t] = e
+        return np.stack([self.cache[t] for t in texts])
+
+
+def make_real_predictor(train: str | Path | None = None, seed: int = 0, embed=None):
+    """A fresh ``LengthPredictor`` as the engine builds it (MiniLM embedder), warmed with ``train`` history."""
+    from alise.sched.predictor import LengthPredictor
+    p = LengthPredictor(embed=embed, seed=seed)
+    if train:
+        p.load_history(train, progress=False)
+    return p
+
+
+def measure_errors(records: list[tuple[str, int]], max_tokens: int | None = None, history_frac: float = 0.5,
+                   seed: int = 0, embed=None, source: str = "", dedup: bool = True) -> dict:
+    """The real predictor's error on real text, as the simulator's ``ErrorModel`` stores it.
+
+    The records (prompt, true output length) are shuffled; the first ``history_frac`` warm the store, then the
+    rest arrive one by one as in serving: predict at arrival (log(predicted / true)); while the request
+    outlives its estimate, re-estimate with ``predict_remaining`` at that point (log(estimate / true
+    remaining)); then ``observe`` the true length (online learning).
+    ``dedup``: keep one record per distinct prompt first, so no test prompt was seen before (the real-text
+    sets repeat prompts verbatim, e.g. the LMSYS demo conversations, and exact repeats make retrieval nearly
+    perfect; ShareGPT and Alpaca prompts are mostly unique, which this models).
+    """
+    from alise.bench.predictor import kendall_tau
+    if dedup:
+        records = list({q: (q, n) for q, n in reversed(records)}.values())[::-1]   # first record of each prompt
+    rng = np.random.default_rng(seed)
+    recs = [records[i] for i in rng.permutation(len(records))]
+    k = int(len(recs) * history_frac)
+    hist, test = recs[:k], recs[k:]
+    if len(test) < 10:
+        raise ValueError(f"need at least 10 test records after the history split, got {len(test)}")
+    p = make_real_predictor(seed=seed, embed=embed)
+    if hist:
+        p.observe_many([q for q, _ in hist], [n for _, n in hist])
+    arrival, remaining, preds, trues = [], [], [], []
+    for q, n in test:
+        pred = p.predict(q, max_tokens=max_tokens)
+        arrival.append(math.log(pred / n))
+        preds.append(pred)
+        trues.append(n)
+        g = pred
+        while g < n:
+            est = p.predict_remaining(q, g, max_tokens=max_tokens)
+            remaining.append(math.log(est / (n - g)))
+            g += est
+        p.observe(q, n)
+    qs = np.linspace(0, 1, 101)
+    return {
+        "source": source, "num_history": len(hist), "num_test": len(test), "seed": seed,
+        "arrival_log_ratio_quantiles": np.quantile(arrival, qs).round(4).tolist(),
+        "remaining_log_ratio_quantiles": np.quantile(remaining, qs).round(4).tolist() if remaining else [0.0] * 101,
+        "num_remaining": len(remaining),
+        "arrival_median_abs_log_ratio": float(np.median(np.abs(arrival))),
+        "arrival_kendall_tau": kendall_tau(preds, trues),
+        "arrival_mae_tokens": float(np.mean(np.abs(np.array(preds) - np.array(trues)))),
+    }
+
+
+# -- the simulation -------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    policy: str
+    rate: float | None
+    arrival: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    output_len: np.ndarray
+    predicted_at_arrival: np.ndarray
+    num_steps: int
+    num_preemptions: int
+    swapped_tokens: int
+    recomputed_tokens: int
+    busy_time: float
+    predictions: str = ""
+    saturated: bool = False              # stopped early: normalized latency is a lower bound above stop_above
+    num_unfinished: int = 0
+
+    @property
+    def latency(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    def metrics(self) -> dict:
+        lat = self.latency
+        ttft = self.first_token - self.arrival
+        span = float(self.finish.max() - self.arrival.min())
+        m = {
+            "policy": self.policy, "rate": self.rate,
+            "normalized_latency": float(np.mean(lat / self.output_len)),
+            "mean_latency": float(lat.mean()), "p50_latency": float(np.percentile(lat, 50)),
+            "p99_latency": float(np.percentile(lat, 99)),
+            "ttft": float(ttft.mean()), "p99_ttft": float(np.percentile(ttft, 99)),
+            "tokens_per_s": float(self.output_len.sum() / span) if span > 0 else float("nan"),
+            "requests_per_s": float(len(lat) / span) if span > 0 else float("nan"),
+            "num_requests": int(len(lat)), "num_steps": self.num_steps, "num_preemptions": self.num_preemptions,
+            "swapped_tokens": self.swapped_tokens, "recomputed_tokens": self.recomputed_tokens,
+            "utilization": self.busy_time / span if span > 0 else float("nan"),
+            "saturated": self.saturated, "num_unfinished": self.num_unfinished,
+        }
+        if self.predictions:
+            err = np.abs(self.predicted_at_arrival - self.output_len)
+            m["prediction_mae"] = float(err.mean())
+            m["predictions"] = self.predictions
+        return m
+
+
+def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predictions=None,
+             default_max_tokens: int = 2048, stop_above: float = math.inf) -> RunResult:
+    """Run ``trace`` (with arrival times) under ``policy`` on ``profile``; see the module docstring.
+
+    ``predictions``: a ``RealPredictions`` or ``SampledPredictions`` for the ALISE policy (required for it;
+    ignored by FCFS, which never predicts, and by the oracle, whose ranking uses the true lengths).
+    ``stop_above``: stop early once the run's normalized latency is certain to exceed this (s/token): when
+    the lower bound  (sum over finished requests of latency / output + sum over arrived unfinished ones of
+    (now - arrival) / output) / N  passes it. The result is then ``saturated`` and its normalized latency is
+    that lower bound (a run far past saturation costs minutes and says nothing more).
+    """
+    if any(t.arrival is None for t in trace):
+        raise ValueError("every request needs an arrival time (see workloads.with_arrivals)")
+    if policy == "alise" and predictions is None:
+        raise ValueError("the alise policy needs predictions (RealPredictions or SampledPredictions)")
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
+    cost = profile.cost
+    sched = Scheduler(policy=make_policy(policy, cost),
+                      allocator=BlockAllocator(profile.num_blocks, profile.block_size),
+                      max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
+                      swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token))
+    alloc = sched.allocator
+    n = len(trace)
+    reqs: list[Request | None] = [None] * n
+    index: dict[int, int] = {}
+    first_token, finish = np.full(n, np.nan), np.full(n, np.nan)
+    predicted = np.zeros(n)
+    out_len = np.zeros(n, dtype=np.int64)
+    predictor = predictions if policy == "alise" else None
+    now, nxt = 0.0, 0
+    steps = preemptions = swapped = recomputed = 0
+    busy = 0.0
+    # lower bound of sum(latency / output): finished requests exactly, arrived ones (now - arrival) / output
+    done_sum, inv_out_sum, arr_over_out_sum = 0.0, 0.0, 0.0
+    bound_sum = stop_above * n
+    saturated = False
+    while nxt < n or sched.has_unfinished():
+        while nxt < n and trace[order[nxt]].arrival <= now:
+            i = order[nxt]
+            t = trace[i]
+            r = _make_request(i, t, default_max_tokens, profile)
+            reqs[i], index[id(r)] = r, i
+            if predictor is not None:
+                r.predicted_output_len = predictor.at_arrival(r, t)
+            elif policy == "oracle":
+                r.predicted_output_len = t.output_len
+            predicted[i] = r.predicted_output_len or 0
+            sched.add(r)
+            inv_out_sum += 1.0 / t.output_len
+            arr_over_out_sum += t.arrival / t.output_len
+            nxt += 1
+        if not sched.has_unfinished():
+            now = max(now, trace[order[nxt]].arrival)
+            continue
+        if done_sum + now * inv_out_sum - arr_over_out_sum > bound_sum:
+            saturated = True
+            break
+        batch = sched.schedule(now)
+        if not batch.requests and not batch.swap_out:
+            if nxt < n:              # nothing runnable (should not happen with work queued): wait for arrivals
+                now = max(now, trace[order[nxt]].arrival)
+                continue
+            raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with "
+                               f"{len(sched.running) + len(sched.waiting)} requests unfinished")
+        context = sum(r.num_computed_tokens for r in batch.requests)
+        swap_tokens = sum(r.num_computed_tokens for r, _ in batch.swap_out)
+        swap_tokens += sum(r.num_computed_tokens for r, _ in batch.swap_in)
+        dt = cost.step_time(batch.num_prefill_tokens, batch.num_decode_seqs, context) if batch.requests else 0.0
+        dt += profile.swap_time(swap_tokens)
+        steps += 1
+        preemptions += len(batch.preempted)
+        swapped += swap_tokens
+        now += dt
+        busy += dt
+        for r, k in zip(batch.requests, batch.num_new_tokens):
+            if r.num_computed_tokens == 0 and r.num_output_tokens > 0:
+                recomputed += r.num_tokens              # re-prefill of a request whose KV was dropped
+            r.num_computed_tokens += k
+            if r.num_computed_tokens < r.num_tokens:
+                continue                                # a prefill chunk: no token sampled yet
+            i = index[id(r)]
+            r.output_token_ids.append(0)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if (r.num_output_tokens >= trace[i].output_len or r.num_output_tokens >= r.params.max_tokens
+                    or r.num_tokens >= profile.max_model_len or alloc.blocks_for(r.num_tokens + 1) > alloc.num_blocks):
+                sched.finish(r)
+                r.finish_reason, r.finish_time = "stop", now
+                first_token[i], finish[i], out_len[i] = r.first_token_time, now, r.num_output_tokens
+                done_sum += (now - trace[i].arrival) / trace[i].output_len
+                inv_out_sum -= 1.0 / trace[i].output_len
+                arr_over_out_sum -= trace[i].arrival / trace[i].output_len
+                if predictor is not None:
+                    predictor.finished(r, trace[i])
+            elif predictor is not None and r.num_output_tokens >= (r.predicted_output_len or 0):
+                r.predicted_output_len = predictor.when_outlived(r, trace[i])
+    arrival = np.array([t.arrival for t in trace])
+    unfinished = np.isnan(finish)
+    if unfinished.any():                 # stopped early: what is left counts as finishing now (a lower bound)
+        for i in np.flatnonzero(unfinished):
+            r = reqs[i]
+            finish[i] = max(now, arrival[i])
+            first_token[i] = r.first_token_time if r is not None and r.first_token_time is not None else finish[i]
+            out_len[i] = trace[i].output_len
+    return RunResult(policy, None, arrival, first_token, finish, np.maximum(out_len, 1), predicted, steps,
+                     preemptions, swapped, recomputed, busy, saturated=saturated,
+                     num_unfinished=int(unfinished.sum()))
+
+
+def _make_request(i: int, t: TraceRequest, default_max_tokens: int, profile: Profile) -> Request:
+    max_tokens = t.max_tokens or max(default_max_tokens, t.output_len)
+    if t.prompt_len + 1 >= profile.max_model_len or -(-(t.prompt_len + 1) // profile.block_size) > profile.num_blocks:
+        raise ValueError(f"request {i}: a prompt of {t.prompt_len} tokens does not fit profile {profile.name} "
+                         f"(max_model_len {profile.max_model_len}, {profile.num_blocks} KV blocks)")
+    r = Request(str(i), [0] * t.prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                arrival_time=t.arrival, prompt=t.prompt)
+    r.true_output_len = t.output_len
+    return r
+
+
+def isolated_latency(t: TraceRequest, profile: Profile) -> tuple[float, float]:
+    """(latency, TTFT) of one request alone on the profile: its prefill chunks, then one decode per token."""
+    c, budget = profile.cost, profile.max_num_batched_tokens
+    now, done = 0.0, 0
+    while done < t.prompt_len:
+        k = min(budget, t.prompt_len - done)
+        now += c.step_time(k if k > 1 else 0, 1 if k == 1 else 0, done)
+        done += k
+    ttft = now
+    for j in range(1, t.output_len):
+        now += c.step_time(0, 1, t.prompt_len + j - 1)
+    return now, ttft
+
+
+def unloaded_normalized_latency(trace: list[TraceRequest], profile: Profile) -> float:
+    """Mean over requests of (latency alone) / output tokens: the floor every policy approaches at low load."""
+    return float(np.mean([isolated_latency(t, profile)[0] / t.output_len for t in trace]))
+
+
+def capacity_estimate(trace: list[TraceRequest], profile: Profile) -> float:
+    """A rough saturation rate (req/s): full batches of decodes (limited by seats and KV pool) plus prefill."""
+    p = np.mean([t.prompt_len for t in trace])
+    o = np.mean([t.output_len for t in trace])
+    tokens_held = p + o / 2                                   # mean KV footprint of a running request
+    b = max(1.0, min(profile.max_num_seqs, 0.9 * profile.num_blocks * profile.block_size / tokens_held))
+    c = profile.cost
+    step = c.overhead + c.decode_seq * b + c.context_token * b * tokens_held
+    per_request = o * step / b + p * c.prefill_token
+    return 1.0 / per_request
+
+
+# -- max rate under a latency bound ---------------------------------------------------------------------------
+
+def max_rate_under(rates, values, bound: float) -> tuple[float, str]:
+    """Highest rate whose normalized latency stays under ``bound``, interpolated where the curve crosses it.
+
+    Returns (rate, note): note is "" for an interpolated crossing, ">=" when the curve never exceeds the bound
+    (the largest swept rate is a lower bound), "<" when even the smallest swept rate exceeds it.
+    """
+    pts = sorted(zip(rates, values))
+    if not pts:
+        return float("nan"), "none"
+    if pts[0][1] > bound:
+        return pts[0][0], "<"
+    for (r0, v0), (r1, v1) in zip(pts, pts[1:]):
+        if v1 > bound:
+            # interpolate in log(latency), which is close to linear in rate before saturation
+            f = (math.log(bound) - math.log(v0)) / (math.log(v1) - math.log(v0)) if v1 > v0 > 0 else 0.0
+            return r0 + f * (r1 - r0), ""
+    return pts[-1][0], ">="

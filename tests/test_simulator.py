@@ -1,0 +1,213 @@
+"""The discrete-event simulator: hand-computed schedules, the engine's lifecycle, metrics and the CLI's JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from alise.bench import simulator as S
+from alise.bench.workloads import TraceRequest, synthetic, with_arrivals
+from alise.sched.cost import CostModel
+
+# round coefficients: 10 ms per step, 1 ms per prompt token, 2 ms per decoding sequence, 0.1 ms per cached token
+COST = CostModel(overhead=0.01, prefill_token=0.001, decode_seq=0.002, context_token=1e-4)
+
+
+def profile(**kw) -> S.Profile:
+    base = dict(name="test", cost=COST, num_blocks=1000, block_size=4, max_num_seqs=1, max_num_batched_tokens=100,
+                max_model_len=4096, swap_capacity_bytes=0, swap_bytes_per_token=1, swap_bandwidth=1e9)
+    return S.Profile(**(base | kw))
+
+
+def step(prefill=0, decodes=0, context=0) -> float:
+    return COST.overhead + COST.prefill_token * prefill + COST.decode_seq * decodes + COST.context_token * context
+
+
+def decodes(prompt_len: int, first: int, last: int) -> float:
+    """Time of the decode steps that produce output tokens first..last (1-based) of a request running alone;
+    the step producing token j attends over prompt_len + j - 2 cached tokens."""
+    return sum(step(decodes=1, context=prompt_len + j - 2) for j in range(first, last + 1))
+
+
+# A long request first; then B (prompt 5, 1 token) and C (prompt 2, 1 token) arrive while A prefills.
+TRACE = [TraceRequest(10, 10, arrival=0.0), TraceRequest(5, 1, arrival=0.001), TraceRequest(2, 1, arrival=0.002)]
+
+
+def test_fcfs_schedule_by_hand():
+    res = S.simulate(TRACE, "fcfs", profile())
+    a_first = step(prefill=10)                         # A's prefill step samples its first token
+    a_done = a_first + decodes(10, 2, 10)              # then 9 decode steps, alone (one seat)
+    b_done = a_done + step(prefill=5)                  # B arrived before C
+    c_done = b_done + step(prefill=2)
+    assert res.first_token[0] == pytest.approx(a_first)
+    assert res.finish.tolist() == pytest.approx([a_done, b_done, c_done])
+    assert res.num_preemptions == 0
+
+
+def test_oracle_schedule_by_hand():
+    """The oracle preempts A (9 tokens left) for C (shortest), then B, then resumes A with its KV kept."""
+    res = S.simulate(TRACE, "oracle", profile())
+    a_first = step(prefill=10)
+    c_done = a_first + step(prefill=2)
+    b_done = c_done + step(prefill=5)
+    a_done = b_done + decodes(10, 2, 10)
+    assert res.finish.tolist() == pytest.approx([a_done, b_done, c_done])
+    assert res.first_token[0] == pytest.approx(a_first)
+    assert res.num_preemptions == 1
+    assert res.recomputed_tokens == 0                 # A kept its KV in the pool while it waited
+
+
+def test_two_seats_share_steps_by_hand():
+    """Two seats: decodes batch together, and the step cost sees both sequences and both contexts."""
+    trace = [TraceRequest(4, 3, arrival=0.0), TraceRequest(6, 2, arrival=0.0)]
+    res = S.simulate(trace, "fcfs", profile(max_num_seqs=2))
+    t1 = step(prefill=10)                               # both prompts in one step: 10 prefill tokens
+    t2 = t1 + step(decodes=2, context=4 + 6)            # token 2 of both; the second request is done
+    t3 = t2 + step(decodes=1, context=5)                # token 3 of the first
+    assert res.first_token.tolist() == pytest.approx([t1, t1])
+    assert res.finish.tolist() == pytest.approx([t3, t2])
+
+
+def test_chunked_prefill_and_isolated_latency():
+    """A prompt longer than the token budget is prefilled in chunks; far-apart arrivals = requests alone."""
+    p = profile(max_num_seqs=4, max_num_batched_tokens=64)
+    trace = [TraceRequest(150, 7, arrival=0.0), TraceRequest(3, 20, arrival=100.0), TraceRequest(64, 1, arrival=200.0)]
+    res = S.simulate(trace, "fcfs", p)
+    first = step(prefill=64) + step(prefill=64, context=64) + step(prefill=22, context=128)
+    assert res.first_token[0] == pytest.approx(first)
+    for i, t in enumerate(trace):
+        lat, ttft = S.isolated_latency(t, p)
+        assert res.finish[i] - t.arrival == pytest.approx(lat)
+        assert res.first_token[i] - t.arrival == pytest.approx(ttft)
+
+
+def test_alise_with_perfect_predictions_matches_oracle():
+    """With a zero-error model the ALISE ranking equals the oracle's, so the whole schedule must match."""
+    trace = with_arrivals(synthetic("sharegpt", 150, seed=3), rate=40.0, seed=1)
+    p = profile(num_blocks=400, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
+                swap_capacity_bytes=10**9)
+    perfect = S.ErrorModel(np.zeros(101), np.zeros(101))
+    alise = S.simulate(trace, "alise", p, predictions=S.SampledPredictions(perfect))
+    oracle = S.simulate(trace, "oracle", p)
+    assert alise.num_preemptions > 0                   # the memory is tight enough for the policy to matter
+    assert alise.finish.tolist() == pytest.approx(oracle.finish.tolist())
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "alise", "oracle"])
+def test_memory_pressure_every_request_finishes(policy):
+    """A small KV pool forces preemption (recompute for FCFS, swap for ALISE); all requests still finish
+    with their exact output lengths, and the clock only moves forward."""
+    trace = with_arrivals(synthetic("sharegpt", 120, seed=5), rate=30.0, seed=2)
+    p = profile(num_blocks=200, block_size=16, max_num_seqs=16, max_num_batched_tokens=512,
+                swap_capacity_bytes=20_000, swap_bytes_per_token=1, swap_bandwidth=1e5)
+    preds = S.SampledPredictions(S.ErrorModel.default(), seed=0)
+    res = S.simulate(trace, policy, p, predictions=preds)
+    assert not np.isnan(res.finish).any() and not res.saturated
+    assert res.output_len.tolist() == [t.output_len for t in trace]
+    assert (res.finish >= res.first_token).all() and (res.first_token > res.arrival).all()
+    assert res.num_preemptions > 0
+    if policy == "fcfs":
+        assert res.recomputed_tokens > 0 and res.swapped_tokens == 0
+    else:
+        assert res.swapped_tokens > 0
+
+
+def test_swap_traffic_costs_time():
+    """Swapped tokens x bytes per token / bandwidth is added to the clock: a slower link makes the run longer."""
+    trace = with_arrivals(synthetic("sharegpt", 80, seed=5), rate=30.0, seed=2)
+    kw = dict(num_blocks=150, block_size=16, max_num_seqs=16, max_num_batched_tokens=512,
+              swap_capacity_bytes=10**9, swap_bytes_per_token=1000)
+    perfect = S.ErrorModel(np.zeros(101), np.zeros(101))
+    fast = S.simulate(trace, "oracle", profile(swap_bandwidth=1e15, **kw), predictions=S.SampledPredictions(perfect))
+    slow = S.simulate(trace, "oracle", profile(swap_bandwidth=1e6, **kw), predictions=S.SampledPredictions(perfect))
+    assert fast.swapped_tokens > 0
+    assert slow.busy_time > fast.busy_time + 0.5 * fast.swapped_tokens * 1000 / 1e6
+
+
+def test_stop_above_gives_a_lower_bound():
+    trace = with_arrivals(synthetic("sharegpt", 300, seed=1), rate=500.0, seed=0)
+    p = profile(num_blocks=300, block_size=16, max_num_seqs=16, max_num_batched_tokens=512)
+    full = S.simulate(trace, "fcfs", p)
+    cut = S.simulate(trace, "fcfs", p, stop_above=0.2 * full.metrics()["normalized_latency"])
+    assert cut.saturated and cut.num_unfinished > 0
+    nl = cut.metrics()["normalized_latency"]
+    assert 0.2 * full.metrics()["normalized_latency"] < nl <= full.metrics()["normalized_latency"]
+
+
+def test_metrics_on_a_known_run():
+    res = S.RunResult("fcfs", 2.0, arrival=np.array([0.0, 1.0, 2.0, 3.0]), first_token=np.array([0.5, 1.5, 2.5, 4.0]),
+                      finish=np.array([2.0, 3.0, 6.0, 5.0]), output_len=np.array([4, 2, 8, 1]),
+                      predicted_at_arrival=np.zeros(4), num_steps=10, num_preemptions=0, swapped_tokens=0,
+                      recomputed_tokens=0, busy_time=6.0)
+    m = res.metrics()
+    assert m["normalized_latency"] == pytest.approx((2 / 4 + 2 / 2 + 4 / 8 + 2 / 1) / 4)
+    assert m["mean_latency"] == pytest.approx(2.5)
+    assert m["p50_latency"] == pytest.approx(2.0)
+    assert m["ttft"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    assert m["tokens_per_s"] == pytest.approx(15 / 6)
+    assert m["p99_latency"] == pytest.approx(np.percentile([2, 2, 4, 2], 99))
+
+
+def test_max_rate_under_bound():
+    rates, lat = [1, 2, 4, 8], [0.01, 0.02, 0.04, 0.16]
+    r, note = S.max_rate_under(rates, lat, 0.08)
+    # log-linear between (4, 0.04) and (8, 0.16): 0.08 is halfway in log space
+    assert note == "" and r == pytest.approx(6.0)
+    assert S.max_rate_under(rates, lat, 1.0) == (8, ">=")
+    assert S.max_rate_under(rates, lat, 0.001) == (1, "<")
+
+
+def test_roofline_profiles():
+    a = S.roofline_profile("a100-40g-13b")
+    h = S.roofline_profile("h100-13b")
+    assert a.kind == "roofline model" and "not a measurement" in a.description
+    # the 40 GB card leaves about 12 GB for a 13B model's KV (vLLM paper, Table 1): 0.8 MB per token
+    assert 10e9 < a.num_blocks * a.block_size * S.MODELS["13b"].kv_bytes_per_token < 13e9
+    # a faster card: a decode step of 64 sequences over 512 tokens each takes less time
+    assert h.cost.step_time(0, 64, 64 * 512) < a.cost.step_time(0, 64, 64 * 512)
+    # the linear fit stays close to the roofline on a typical decode step
+    acc, model = S.ACCELERATORS["a100-40g"], S.MODELS["13b"]
+    roof = S.roofline_step_time(acc, model, 0, 32, 32 * 400)
+    assert a.cost.step_time(0, 32, 32 * 400) == pytest.approx(roof, rel=0.25)
+    with pytest.raises(ValueError, match="accelerator"):
+        S.roofline_profile("tpu-7b")
+
+
+def test_profile_round_trip(tmp_path):
+    p = S.roofline_profile("a100-7b")
+    p.save(tmp_path / "p.json")
+    assert S.Profile.load(tmp_path / "p.json") == p
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a simulator profile"):
+        S.Profile.load(tmp_path / "bad.json")
+
+
+def test_error_model_sampling():
+    em = S.ErrorModel.default()
+    rng = np.random.default_rng(0)
+    xs = np.array([em.sample("arrival", rng) for _ in range(4000)])
+    assert abs(np.median(xs)) < 0.05 and 0.6 < xs.std() < 0.95
+    measured = S.ErrorModel.load()                     # the committed measurement
+    assert len(measured.arrival) == 101 and np.all(np.diff(measured.arrival) >= 0)
+
+
+def test_sim_cli_json_schema(tmp_path):
+    from alise.bench.__main__ import main
+    out = tmp_path / "r.json"
+    png = tmp_path / "r.png"
+    main(["sim", "--workload", "alpaca", "--num-requests", "150", "--rates", "5,400", "--workers", "1",
+          "--quiet", "--json", str(out), "--plot", str(png)])
+    rep = json.loads(out.read_text())
+    assert {"results", "max_rate", "ratio_vs_fcfs", "bounds", "profile", "predictions"} <= rep.keys()
+    assert "sampled from the real predictor's error distribution" in rep["predictions"]
+    assert {(r["policy"], r["rate"]) for r in rep["results"]} == {(p, r) for p in ("fcfs", "alise", "oracle")
+                                                                   for r in (5.0, 400.0)}
+    for r in rep["results"]:
+        assert {"policy", "rate", "normalized_latency", "p99_latency", "ttft", "tokens_per_s"} <= r.keys()
+        assert r["normalized_latency"] > 0 and math.isfinite(r["tokens_per_s"])
+    assert set(rep["max_rate"]) == {"fcfs", "alise", "oracle"}
+    assert len(rep["max_rate"]["fcfs"]) == 3
+    assert all(v == pytest.approx(1.0) for v in rep["ratio_vs_fcfs"]["fcfs"].values())
+    assert png.stat().st_size > 10_000
