@@ -211,3 +211,45 @@ def test_sim_cli_json_schema(tmp_path):
     assert len(rep["max_rate"]["fcfs"]) == 3
     assert all(v == pytest.approx(1.0) for v in rep["ratio_vs_fcfs"]["fcfs"].values())
     assert png.stat().st_size > 10_000
+
+
+def test_summary_counts_overloaded_runs_as_over_the_bound():
+    from alise.bench.__main__ import summarize
+    rows = [{"policy": "fcfs", "rate": 1.0, "normalized_latency": 0.01, "backlog_fraction": 0.01},
+            {"policy": "fcfs", "rate": 2.0, "normalized_latency": 0.04, "backlog_fraction": 0.05},
+            {"policy": "alise", "rate": 1.0, "normalized_latency": 0.01, "backlog_fraction": 0.01},
+            {"policy": "alise", "rate": 2.0, "normalized_latency": 0.015, "backlog_fraction": 0.05},
+            # low mean latency, but half the requests were still queued when the arrivals stopped
+            {"policy": "alise", "rate": 4.0, "normalized_latency": 0.02, "backlog_fraction": 0.5}]
+    max_rate, notes, ratio, _ = summarize(rows, [0.02], ["fcfs", "alise"])
+    assert max_rate["fcfs"]["0.02"] == pytest.approx(1.5)          # 0.02 halfway between 0.01 and 0.04 in log
+    assert notes["alise"]["0.02"] == "" and 2.0 < max_rate["alise"]["0.02"] < 2.2
+    assert ratio["alise"]["0.02"] == pytest.approx(max_rate["alise"]["0.02"] / 1.5)
+
+
+def test_fitted_profile_ignores_stalls():
+    rng = np.random.default_rng(0)
+    true = CostModel(overhead=0.05, prefill_token=1e-3, decode_seq=1e-2, context_token=1e-6)
+    rows = []
+    for _ in range(300):
+        p, d, c = int(rng.integers(0, 200)), int(rng.integers(0, 16)), int(rng.integers(0, 5000))
+        stall = 5.0 if rng.random() < 0.03 else 0.0            # another process took the CPU
+        rows.append((p, d, c, true.step_time(p, d, c) + stall))
+    prof = S.fitted_profile(rows, num_blocks=10, block_size=16, max_num_seqs=4, max_num_batched_tokens=512,
+                            max_model_len=2048, swap_capacity_bytes=1, swap_bytes_per_token=1, swap_bandwidth=1)
+    assert prof.kind == "fitted"
+    for f in ("overhead", "prefill_token", "decode_seq", "context_token"):
+        assert getattr(prof.cost, f) == pytest.approx(getattr(true, f), rel=0.05)
+
+
+def test_serve_run_on_a_tiny_model(tiny_model_dir):
+    """The wall-clock replay on the real engine: every request runs to its trace length; metrics are sane."""
+    from alise import LLM
+    from alise.bench.__main__ import serve_run
+    llm = LLM(str(tiny_model_dir), scheduler="fcfs", max_num_seqs=2, dtype="float32", kv_cache_blocks=64)
+    trace = [TraceRequest(5, 3, max_tokens=3), TraceRequest(8, 6, max_tokens=6), TraceRequest(4, 2, max_tokens=2)]
+    m = serve_run(llm, trace, rate=50.0, seed=0, policy="fcfs")
+    assert m["output_lens"] == [3, 6, 2]
+    assert m["normalized_latency"] > 0 and m["ttft"] <= m["mean_latency"] and m["num_requests"] == 3
+    assert not llm.engine.requests                         # the run cleans up after itself
+    assert len(llm.engine.step_samples) >= 6

@@ -22,7 +22,8 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
     results = report["results"]
     bounds = report.get("bounds", [])
     top = 1.3 * max(bounds) if bounds else None
-    for policy in dict.fromkeys(r["policy"] for r in results):
+    order = {"fcfs": 0, "alise": 1, "oracle": 2}
+    for policy in sorted(dict.fromkeys(r["policy"] for r in results), key=lambda p: order.get(p, 9)):
         rows = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
         xs = [r["rate"] for r in rows]
         ys = [min(r["normalized_latency"], top) if top else r["normalized_latency"] for r in rows]
