@@ -164,17 +164,21 @@ def _init_worker() -> None:
 
 
 def sweep(policies: list[str], rates: list[float], workers: int, progress: bool = True) -> list[dict]:
-    """Each policy climbs the rate grid; after a run stopped past saturation its higher rates are skipped."""
+    """Each policy climbs the rate grid; after a run stopped past saturation, or three runs in a row that did
+    not keep up with their arrivals, its higher rates are skipped."""
     from tqdm.auto import tqdm
     results: list[dict] = []
     nxt = {p: 0 for p in policies}
     bar = tqdm(total=len(policies) * len(rates), desc="sim", unit="run", disable=not progress)
 
+    overloaded = {p: 0 for p in policies}
+
     def done(p, m):
         results.append(m)
         bar.update(1)
         bar.set_postfix_str(f"{p} {m['rate']:.3g} req/s: {m['normalized_latency'] * 1e3:.1f} ms/tok")
-        if m.get("saturated"):
+        overloaded[p] = 0 if sustained(m) else overloaded[p] + 1
+        if m.get("saturated") or overloaded[p] >= 3:     # well past saturation: higher rates say nothing more
             bar.update(len(rates) - nxt[p])
             nxt[p] = len(rates)
 
@@ -267,6 +271,8 @@ def cmd_sim(args) -> dict:
     workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
     results = sweep(policies, rates, workers, progress=not args.quiet)
     elapsed = time.perf_counter() - t0
+    for r in results:
+        r["sustained"] = sustained(r)
     max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies)
     print_results(results)
     print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle)

@@ -11,8 +11,9 @@ LABELS = {"fcfs": "FCFS (vLLM)", "alise": "ALISE", "oracle": "Oracle (true lengt
 def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path:
     """Normalized latency (s/token) vs request rate (req/s) from a ``sim`` / ``serve`` JSON report.
 
-    The paper's figure style: one line per policy, the latency bounds as dashed horizontal lines. Runs stopped
-    early past saturation (their value is a lower bound) are drawn hollow at the top of the axis.
+    The paper's figure style: one line per policy, the latency bounds as dashed horizontal lines. Runs that did
+    not keep up with their arrivals, or were stopped early past saturation (their value is then a lower bound,
+    clipped to the top of the axis), are drawn hollow.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -29,7 +30,7 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
         ys = [min(r["normalized_latency"], top) if top else r["normalized_latency"] for r in rows]
         color, marker = COLORS.get(policy), MARKERS.get(policy, "o")
         ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8, markersize=5)
-        sat = [(x, y) for x, y, r in zip(xs, ys, rows) if r.get("saturated")]
+        sat = [(x, y) for x, y, r in zip(xs, ys, rows) if r.get("saturated") or not r.get("sustained", True)]
         if sat:
             ax.plot(*zip(*sat), linestyle="none", marker=marker, markersize=8, markerfacecolor="white",
                     color=color)
