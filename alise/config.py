@@ -20,7 +20,7 @@ class EngineConfig:
     max_num_seqs: int = 64            # cap on sequences in one step
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decode tokens)
     kv_cache_blocks: int | None = None  # None: size the pool from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0   # KV pool budget when kv_cache_blocks is None (CPU; CUDA uses free memory)
+    kv_cache_memory_gb: float | None = None  # None: 1 GiB on CPU, 90% of free memory on CUDA
     block_size: int = 16
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     swap_space_gb: float = 1.0        # host memory for swapped-out (compressed) KV of preempted requests
@@ -43,7 +43,7 @@ class EngineConfig:
             _positive_int("kv_cache_blocks", self.kv_cache_blocks)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
-        if not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if not self.swap_space_gb >= 0:
             raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -17,7 +17,7 @@ from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import CostModel
 from alise.sched.policy import make_policy
-from alise.sched.request import Request, Status
+from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
 from alise.tokenizer import IncrementalDecoder, Tokenizer
 from alise import kernels
@@ -53,6 +53,8 @@ class LLMEngine:
         self.config = config
         folder = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_folder(folder)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
         device = torch.device("cuda" if config.device == "cuda" or
                               (config.device == "auto" and torch.cuda.is_available()) else "cpu")
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
@@ -69,6 +71,7 @@ class LLMEngine:
         self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)
         self.cost = CostModel()
         self.step_samples: list[tuple[int, int, int, float]] = []
+        self.num_steps = 0
         self.policy = make_policy(config.scheduler, self.cost)
         self.predictor = self._make_predictor(config) if config.scheduler in ("alise", "oracle") else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
@@ -111,7 +114,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_gen))
         request = Request(request_id, token_ids, params, prompt=text,
                           arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator(device=self.runner.device).manual_seed(seed))
         if params.prompt_logprobs:
             request.prompt_logprobs = [None]
         self.requests[request_id] = request
@@ -202,9 +205,12 @@ class LLMEngine:
     def _record_step(self, batch, elapsed: float) -> None:
         """Keep measured step times and refit the cost model the speculative policy ranks with."""
         context = sum(r.num_computed_tokens for r in batch.requests)
+        if not batch.requests:        # a swap-only step says nothing about compute
+            return
         self.step_samples.append((batch.num_prefill_tokens, batch.num_decode_seqs, context, elapsed))
         del self.step_samples[:-COST_SAMPLES_KEPT]
-        if len(self.step_samples) % COST_REFIT_EVERY == 0:
+        self.num_steps += 1
+        if self.num_steps % COST_REFIT_EVERY == 0:
             fitted = CostModel.fit(self.step_samples)
             self.cost.__dict__.update(fitted.__dict__)
 
@@ -248,7 +254,15 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.engine.add_request(p, sp))
+        except ValueError:            # a malformed argument: leave nothing half-queued behind
+            for i in ids:
+                self.engine.abort(i)
+                del self.engine.requests[i]
+            raise
         show = len(ids) >= 8 if use_tqdm is None else use_tqdm
         from tqdm.auto import tqdm
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:

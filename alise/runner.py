@@ -8,10 +8,10 @@ import torch
 from alise import kernels
 from alise.model import AttentionMetadata, Llama
 from alise.sampling import sample
-from alise.sched.request import Request
 from alise.sched.scheduler import ScheduledBatch
 
 GiB = 1 << 30
+DEFAULT_CPU_KV_GB = 1.0
 
 
 @dataclass
@@ -22,17 +22,19 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Llama, *, kv_dtype: str, block_size: int, num_blocks: int | None,
-                 kv_cache_memory_gb: float, backend: str, device: torch.device, swap_kv_dtype: str = "bf16"):
+                 kv_cache_memory_gb: float | None, backend: str, device: torch.device, swap_kv_dtype: str = "bf16"):
         self.model, self.device, self.backend = model, device, backend
         cfg = model.config
         self.num_kv_heads, self.head_dim, self.block_size = cfg.num_key_value_heads, cfg.head_dim, block_size
         self.kv_dtype = kv_dtype
         self.bytes_per_token = cfg.num_hidden_layers * kernels.bytes_per_token(kv_dtype, self.num_kv_heads, self.head_dim)
         if num_blocks is None:
-            budget = kv_cache_memory_gb * GiB
-            if device.type == "cuda":  # nano-vllm's sizing: what is free after the weights, with a margin
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = min(budget, 0.9 * free) if kv_cache_memory_gb != 1.0 else 0.9 * free
+            if kv_cache_memory_gb is not None:
+                budget = kv_cache_memory_gb * GiB
+            elif device.type == "cuda":  # nano-vllm's sizing: what is free after the weights, with a margin
+                budget = 0.9 * torch.cuda.mem_get_info(device)[0]
+            else:
+                budget = DEFAULT_CPU_KV_GB * GiB
             num_blocks = max(int(budget // (self.bytes_per_token * block_size)), 1)
         self.num_blocks = num_blocks
         # swapped-out KV: quantized pages are copied as they are; unquantized ones are compressed on the way
@@ -59,8 +61,11 @@ class ModelRunner:
         bs = self.block_size
         for r, n in zip(batch.requests, batch.num_new_tokens):
             start = r.num_computed_tokens
-            tokens = r.all_token_ids
-            input_ids += tokens[start:start + n]
+            prompt_len = len(r.prompt_token_ids)
+            # the new tokens, without copying the whole sequence (decode: just the last output token)
+            tokens = r.prompt_token_ids[start:start + n] + r.output_token_ids[max(start - prompt_len, 0):
+                                                                           max(start + n - prompt_len, 0)]
+            input_ids += tokens
             positions += range(start, start + n)
             slots += [r.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
             row0 = query_start[-1]
@@ -71,7 +76,7 @@ class ModelRunner:
                 done = len(r.prompt_logprobs or [None])
                 first, last = max(start, done - 1), min(start + n, len(r.prompt_token_ids) - 1)
                 if first < last:
-                    score_of.append((r, len(logit_rows), tokens[first + 1:last + 1]))
+                    score_of.append((r, len(logit_rows), r.prompt_token_ids[first + 1:last + 1]))
                     logit_rows += range(row0 + first - start, row0 + last - start)
             if start + n == r.num_tokens:      # this step covers its last token: sample the next one
                 sample_of.append((r, len(logit_rows)))

@@ -61,15 +61,6 @@ class SpeculativePolicy:
     def name(self) -> str:
         return "oracle" if self.use_true_lengths else "alise"
 
-    def remaining_output(self, request: Request) -> int:
-        if self.use_true_lengths and request.true_output_len is not None:
-            return max(request.true_output_len - request.num_output_tokens, 1)
-        return request.remaining_output_estimate()
-
-    def estimated_remaining_time(self, request: Request) -> float:
-        return self.cost.request_time(request.num_pending_tokens, request.num_computed_tokens,
-                                      self.remaining_output(request))
-
     def rank_key(self, request: Request, now: float) -> tuple:
         # called for every queued request at every step: plain arithmetic, no helper calls (cost.request_time
         # written out twice: for the whole request, and for what remains of it)

@@ -37,7 +37,6 @@ class Request:
     error: str | None = None                       # why the engine refused the request, if it did
     predicted_output_len: int | None = None        # the scheduler's current estimate of the total output length
     true_output_len: int | None = None             # known only to the oracle policy (and the simulator)
-    last_scheduled_time: float = 0.0               # for aging: when it last ran
     prompt_logprobs: list[float | None] | None = None
     generator: torch.Generator | None = None
 
@@ -61,8 +60,3 @@ class Request:
     def num_pending_tokens(self) -> int:
         """Tokens not yet in the KV cache: the prompt before prefill, 1 in decode, all after a recompute."""
         return self.num_tokens - self.num_computed_tokens
-
-    def remaining_output_estimate(self) -> int:
-        """Predicted tokens still to generate (>= 1 while unfinished)."""
-        total = self.predicted_output_len or self.params.max_tokens
-        return max(total - self.num_output_tokens, 1)

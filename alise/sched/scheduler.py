@@ -42,14 +42,11 @@ class ScheduledBatch:
     def num_decode_seqs(self) -> int:
         return sum(1 for n in self.num_new_tokens if n == 1)
 
-    def __len__(self) -> int:
-        return len(self.requests)
-
 
 class Scheduler:
     def __init__(self, *, policy, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 swap_space: SwapSpace | None = None, predictor=None):
-        self.policy, self.allocator, self.swap_space, self.predictor = policy, allocator, swap_space, predictor
+                 swap_space: SwapSpace | None = None):
+        self.policy, self.allocator, self.swap_space = policy, allocator, swap_space
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.running: list[Request] = []
         self.waiting: list[Request] = []   # WAITING (no KV) and PREEMPTED (KV in the pool or swapped out)
@@ -93,7 +90,6 @@ class Scheduler:
                     self._evict(r, batch)
                 continue
             r.status = Status.RUNNING
-            r.last_scheduled_time = now
             batch.requests.append(r)
             batch.num_new_tokens.append(num_new)
             in_step.add(id(r))
@@ -113,6 +109,8 @@ class Scheduler:
             victims = sorted((r for r in self.running + self.waiting
                               if id(r) not in in_step and r is not request and keys[id(r)] > my_key
                               and r.block_table), key=lambda r: keys[id(r)], reverse=True)
+            if self.allocator.num_free + sum(len(v.block_table) for v in victims) < need:
+                return False                      # evicting everyone below would still not make room
             for victim in victims:
                 if need <= self.allocator.num_free:
                     break
@@ -125,7 +123,7 @@ class Scheduler:
             blocks = self.allocator.allocate(self.allocator.blocks_for(swapped_tokens))
             request.block_table = list(blocks)   # grow() below extends the table, not this list
             batch.swap_in.append((request, blocks))
-            self.swap_space.give_back(swapped_tokens)
+            self.swap_space.give_back(self._swap_tokens(request))
             request.swapped = False
         return self.allocator.grow(request, request.num_computed_tokens + num_new)
 
@@ -136,7 +134,7 @@ class Scheduler:
 
     def _evict(self, request: Request, batch: ScheduledBatch) -> None:
         """Free ``request``'s blocks: to host swap space if allowed and room, else drop them (recompute)."""
-        num_tokens = request.num_computed_tokens
+        num_tokens = self._swap_tokens(request)
         if (getattr(self.policy, "swap_preempted", False) and self.swap_space is not None
                 and num_tokens > 0 and self.swap_space.fits(num_tokens)):
             self.swap_space.take(num_tokens)
@@ -149,10 +147,14 @@ class Scheduler:
         self.allocator.release(request)
         self._evicted.add(id(request))
 
+    def _swap_tokens(self, request: Request) -> int:
+        """Swap space a request's KV takes: whole blocks are copied out."""
+        return self.allocator.blocks_for(request.num_computed_tokens) * self.allocator.block_size
+
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free everything it holds."""
         if request.swapped:
-            self.swap_space.give_back(request.num_computed_tokens)
+            self.swap_space.give_back(self._swap_tokens(request))
             request.swapped, request.swapped_kv = False, None
         self.allocator.release(request)
         request.status = Status.FINISHED
