@@ -253,3 +253,11 @@ def test_serve_run_on_a_tiny_model(tiny_model_dir):
     assert m["normalized_latency"] > 0 and m["ttft"] <= m["mean_latency"] and m["num_requests"] == 3
     assert not llm.engine.requests                         # the run cleans up after itself
     assert len(llm.engine.step_samples) >= 6
+
+
+def test_backlog_fraction_tells_overload():
+    trace = synthetic("sharegpt", 200, seed=1)
+    p = profile(num_blocks=300, block_size=16, max_num_seqs=16, max_num_batched_tokens=512)
+    light = S.simulate(with_arrivals(trace, 0.5, seed=0), "fcfs", p)
+    heavy = S.simulate(with_arrivals(trace, 50.0, seed=0), "fcfs", p)
+    assert light.backlog_fraction < 0.05 and heavy.backlog_fraction > 0.5

@@ -27,7 +27,7 @@ from alise.bench import workloads as W
 
 DEFAULT_BOUND_FACTORS = (2.0, 5.0, 10.0)   # bounds relative to the unloaded normalized latency
 STOP_FACTOR = 2.0                            # a run stops early once it is surely above STOP_FACTOR x max bound
-MAX_BACKLOG = 0.2                            # a run keeps up if <= 20% of its requests are unfinished at the last arrival
+MAX_BACKLOG = 0.2                            # a run keeps up if <= 20% of its output tokens are left at the last arrival
 # auto sweep: 5 light-load rates from 5% to 40% of a capacity estimate, then 20 rates 8% apart from 40% to 200%
 # (the knee, where policies differ, needs the fine steps; each policy stops climbing once past saturation)
 
@@ -62,8 +62,9 @@ def load_workload(name: str, n: int | None, seed: int) -> list[W.TraceRequest]:
 
 
 def sustained(r: dict) -> bool:
-    """Did the run keep up with its arrivals? Not stopped early, and at most MAX_BACKLOG of the requests still
-    unfinished when the last one arrived (a stable run holds about rate x mean latency of them)."""
+    """Did the run keep up with its arrivals? Not stopped early, and at most MAX_BACKLOG of the trace's output
+    tokens still to generate when the last request arrived (a stable run holds about rate x mean latency
+    requests' worth)."""
     return not r.get("saturated") and r.get("backlog_fraction", 0.0) <= MAX_BACKLOG
 
 
@@ -102,7 +103,7 @@ def print_results(results: list[dict], file=sys.stdout) -> None:
     for r in sorted(results, key=lambda r: (r["policy"], r["rate"])):
         note = ("stopped: past saturation (lower bound)" if r.get("saturated") else
                 "" if "requests_per_s" not in r or sustained(r) else
-                f"overloaded: {r['backlog_fraction']:.0%} unfinished at the last arrival")
+                f"overloaded: {r['backlog_fraction']:.0%} of the work left at the last arrival")
         print(f"{r['policy']:<7} {r['rate']:>7.3g} {r['normalized_latency'] * 1e3:>10.2f} {r['mean_latency']:>9.2f} "
               f"{r['p50_latency']:>8.2f} {r['p99_latency']:>8.2f} {r['ttft']:>8.2f} {r['tokens_per_s']:>8.0f} "
               f"{r.get('num_preemptions', 0):>8} {note}", file=file)
@@ -125,7 +126,8 @@ def print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, file=sys.
                     f"{'-' if orr is None else f'{orr:.2f}':>9}")
         print(row, file=file)
     print("(>=: never exceeded the bound in the sweep; <: exceeded it even at the lowest rate; a run with more than "
-          f"{MAX_BACKLOG:.0%} of its requests unfinished at the last arrival counts as over every bound)", file=file)
+          f"{MAX_BACKLOG:.0%} of its output tokens left to generate at the last arrival counts as over every bound)",
+          file=file)
 
 
 # -- sim ------------------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
     order = sorted(range(len(timed)), key=lambda i: timed[i].arrival)
     ids: dict[int, str] = {}
     start = time.monotonic()
-    nxt = 0
+    nxt, backlog = 0, 0.0
     while nxt < len(order) or engine.has_unfinished():
         now = time.monotonic() - start
         while nxt < len(order) and timed[order[nxt]].arrival <= now:
@@ -326,6 +328,10 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
             engine.requests[rid].true_output_len = t.output_len     # for the oracle policy
             ids[i] = rid
             nxt += 1
+            if nxt == len(order):       # the last arrival: output tokens still to generate, as in the simulator
+                left = sum(timed[j].output_len - engine.requests[r].num_output_tokens for j, r in ids.items()
+                           if not engine.requests[r].is_finished)
+                backlog = left / sum(t.output_len for t in timed)
         if engine.has_unfinished():
             engine.step()
         elif nxt < len(order):
@@ -341,7 +347,7 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
          "mean_latency": float(lat.mean()), "p50_latency": float(np.percentile(lat, 50)),
          "p99_latency": float(np.percentile(lat, 99)), "ttft": float(ttft.mean()),
          "tokens_per_s": float(out.sum() / span), "requests_per_s": len(reqs) / span, "num_requests": len(reqs),
-         "backlog_fraction": float(np.mean([r.finish_time > start + max(t.arrival for t in timed) for r in reqs])),
+         "backlog_fraction": backlog,
          "num_preemptions": int(sum(r.num_preemptions for r in reqs)), "output_lens": out.tolist()}
     for rid in ids.values():
         del engine.requests[rid]

@@ -9,7 +9,7 @@ What is real here, and shared with the engine: ``Scheduler``, ``BlockAllocator``
 2. ``scheduler.schedule(now)`` picks the step;
 3. the executor is the clock: the step takes ``CostModel.step_time(num_prefill_tokens, num_decode_seqs,
    context)`` (context = the batch's cached tokens before the step, as ``engine._record_step`` measures it)
-   plus the swap traffic (tokens swapped out or in x bytes per swapped token / swap bandwidth);
+   plus the swap traffic (blocks swapped out or in x block size x bytes per swapped token / swap bandwidth);
 4. every request in the batch advances ``num_computed_tokens``; one whose pending tokens are all computed
    samples a token (the first sets ``first_token_time``); it finishes at its true output length ("stop"), or at
    the engine's "length" limits; otherwise, when it has outlived its prediction, the predictor re-estimates
@@ -457,6 +457,7 @@ class RunResult:
     predictions: str = ""
     saturated: bool = False              # stopped early: normalized latency is a lower bound above stop_above
     num_unfinished: int = 0
+    backlog_fraction: float = 0.0        # output tokens left at the last arrival / all output tokens
 
     @property
     def latency(self) -> np.ndarray:
@@ -478,9 +479,10 @@ class RunResult:
             "swapped_tokens": self.swapped_tokens, "recomputed_tokens": self.recomputed_tokens,
             "utilization": self.busy_time / span if span > 0 else float("nan"),
             "saturated": self.saturated, "num_unfinished": self.num_unfinished,
-            # requests not finished when the last one arrived: a stable run holds about rate x mean latency
-            # of them (Little), an overloaded one a growing share of the trace
-            "backlog_fraction": float(np.mean(self.finish > self.arrival.max())),
+            # share of the trace's output tokens still to generate when the last request arrived: a stable run
+            # holds about (rate x mean latency) requests' worth, an overloaded one a growing share (by work, not
+            # count: shortest-first leaves few, long requests behind)
+            "backlog_fraction": self.backlog_fraction,
         }
         if self.predictions:
             err = np.abs(self.predicted_at_arrival - self.output_len)
@@ -525,6 +527,7 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
     done_sum, inv_out_sum, arr_over_out_sum = 0.0, 0.0, 0.0
     bound_sum = stop_above * n
     saturated = False
+    backlog = 0.0
     while nxt < n or sched.has_unfinished():
         while nxt < n and trace[order[nxt]].arrival <= now:
             i = order[nxt]
@@ -540,6 +543,10 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
             inv_out_sum += 1.0 / t.output_len
             arr_over_out_sum += t.arrival / t.output_len
             nxt += 1
+            if nxt == n:                 # the last arrival: how much work is still queued or running
+                left = sum(trace[j].output_len - reqs[j].num_output_tokens for j in range(n)
+                           if np.isnan(finish[j]))
+                backlog = left / sum(x.output_len for x in trace)
         if not sched.has_unfinished():
             now = max(now, trace[order[nxt]].arrival)
             continue
@@ -554,8 +561,9 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
             raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with "
                                f"{len(sched.running) + len(sched.waiting)} requests unfinished")
         context = sum(r.num_computed_tokens for r in batch.requests)
-        swap_tokens = sum(r.num_computed_tokens for r, _ in batch.swap_out)
-        swap_tokens += sum(r.num_computed_tokens for r, _ in batch.swap_in)
+        # the executor copies whole blocks each way
+        swap_tokens = sum(len(blocks) for _, blocks in batch.swap_out) * alloc.block_size
+        swap_tokens += sum(len(blocks) for _, blocks in batch.swap_in) * alloc.block_size
         dt = cost.step_time(batch.num_prefill_tokens, batch.num_decode_seqs, context) if batch.requests else 0.0
         dt += profile.swap_time(swap_tokens)
         steps += 1
@@ -595,8 +603,7 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
             out_len[i] = trace[i].output_len
     return RunResult(policy, None, arrival, first_token, finish, np.maximum(out_len, 1), predicted, steps,
                      preemptions, swapped, recomputed, busy, predictions=type(predictor).__name__ if predictor else "",
-                     saturated=saturated,
-                     num_unfinished=int(unfinished.sum()))
+                     saturated=saturated, num_unfinished=int(unfinished.sum()), backlog_fraction=backlog)
 
 
 def _make_request(i: int, t: TraceRequest, default_max_tokens: int, profile: Profile) -> Request:
