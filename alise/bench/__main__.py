@@ -27,7 +27,8 @@ from alise.bench import workloads as W
 
 DEFAULT_BOUND_FACTORS = (2.0, 5.0, 10.0)   # bounds relative to the unloaded normalized latency
 STOP_FACTOR = 2.0                            # a run stops early once it is surely above STOP_FACTOR x max bound
-MAX_BACKLOG = 0.2                            # a run keeps up if <= 20% of its output tokens are left at the last arrival
+MAX_BACKLOG = 0.1                            # a run keeps up if <= 10% of its output tokens are left at the last arrival
+#   (a stable run holds only its concurrency: ~40 ShareGPT requests on a100-40g-13b, under 5% of 1000)
 # auto sweep: 5 light-load rates from 5% to 40% of a capacity estimate, then 20 rates 8% apart from 40% to 200%
 # (the knee, where policies differ, needs the fine steps; each policy stops climbing once past saturation)
 
