@@ -71,7 +71,9 @@ class SpeculativePolicy:
         else:
             left = max((request.predicted_output_len or request.params.max_tokens) - done, 1)
         total = done + left
-        service = c.prefill_token * prompt_len + total * (c.decode_seq + c.context_token * (prompt_len + total / 2))
+        # its latency alone, per-step overhead included (on a GPU the overhead is most of a decode step)
+        service = c.prefill_token * prompt_len + total * (
+            c.overhead + c.decode_seq + c.context_token * (prompt_len + total / 2))
         deadline = request.arrival_time + self.max_slowdown * service
         if now >= deadline:                      # overdue: ahead of everyone, earliest deadline first
             return (0, deadline, request.request_id)

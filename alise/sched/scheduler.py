@@ -76,11 +76,12 @@ class Scheduler:
         # seated decode not yet reached, so a long prefill never starves the decodes
         decode_ids = {id(r) for r in seated if r.num_pending_tokens == 1}
         unreached_decodes = len(decode_ids)
+        admit_waiting = True
         for r in seated:
             is_decode = id(r) in decode_ids
             unreached_decodes -= is_decode
-            if id(r) in self._evicted:          # lost its KV to a higher-ranked request in this step
-                continue
+            if id(r) in self._evicted or (r.status is not Status.RUNNING and not admit_waiting):
+                continue                         # lost its KV in this step, or queued behind a blocked one
             num_new = 1 if is_decode else min(r.num_pending_tokens, budget - unreached_decodes)
             if num_new <= 0 or budget < num_new:
                 continue
@@ -88,6 +89,10 @@ class Scheduler:
                 if r.status is Status.RUNNING:    # cannot grow even at the others' expense: step aside
                     self._unseat(r, batch)
                     self._evict(r, batch)
+                    continue
+                # a waiting request that does not fit blocks the lower-ranked waiting ones (vLLM's FCFS does
+                # the same): admitting them past it only hands them KV it would take back next step
+                admit_waiting = False
                 continue
             r.status = Status.RUNNING
             batch.requests.append(r)
