@@ -60,6 +60,16 @@ def write_tiny_model(folder: Path, config: dict = TINY_CONFIG, state: dict | Non
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole suite: on a shared 2-core machine, 2 OpenMP threads competing with
+    other jobs make the small ops of these tests 10-100x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny_llama"))

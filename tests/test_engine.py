@@ -8,15 +8,6 @@ from alise import LLM, SamplingParams
 from alise.sched.request import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads competing with other jobs make the
-    small ops of these tests 10-100x slower (measured); restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 VOCAB = 320   # tests/conftest.py TINY_CONFIG
 
 

@@ -16,16 +16,6 @@ from alise.model import Llama
 from conftest import TINY_CONFIG, tiny_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads competing with other jobs make the
-    small ops of these tests 10-100x slower (measured); restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # An independent causal forward: plain dense attention over the HF tensors, no alise code at all
 
