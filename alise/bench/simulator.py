@@ -45,8 +45,9 @@ import numpy as np
 from alise.bench.workloads import TraceRequest
 from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
-from alise.sched.cost import CostModel
+from alise.sched.cost import CostModel, nonnegative_lstsq
 from alise.sched.policy import make_policy
+from alise.sched.predictor import clamp_length
 from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
 
@@ -217,23 +218,10 @@ def fit_cost_model(rows, relative: bool = False) -> tuple[CostModel, tuple[float
     a = np.column_stack([np.ones(len(data)), data[:, :3]])
     b = data[:, 3]
     w = 1.0 / b if relative else np.ones_like(b)
-    coef = _nnls(a * w[:, None], b * w)
+    coef = nonnegative_lstsq(a * w[:, None], b * w)
     pred = a @ coef
     rel = np.abs(pred - b) / b
     return CostModel(*map(float, coef)), (float(rel.mean()), float(rel.max()))
-
-
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0 (active set by dropping the most negative coefficient; 4 unknowns)."""
-    active = list(range(a.shape[1]))
-    while True:
-        x = np.zeros(a.shape[1])
-        if active:
-            x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
-        if (x >= 0).all() or not active:
-            return np.maximum(x, 0)
-        neg = [i for i in active if x[i] < 0]
-        active.remove(min(neg, key=lambda i: x[i]))
 
 
 def fitted_profile(samples, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -330,13 +318,13 @@ class SampledPredictions:
 
     def at_arrival(self, r: Request, t: TraceRequest) -> int:
         est = t.output_len * math.exp(self.errors.sample("arrival", self.rng))
-        return _clamp(est, 1, r.params.max_tokens)
+        return clamp_length(est, 1, r.params.max_tokens)
 
     def when_outlived(self, r: Request, t: TraceRequest) -> int:
         g = r.num_output_tokens
         true_rem = max(t.output_len - g, 1)
         est = true_rem * math.exp(self.errors.sample("remaining", self.rng))
-        return g + _clamp(est, 1, max(1, r.params.max_tokens - g))
+        return g + clamp_length(est, 1, max(1, r.params.max_tokens - g))
 
     def finished(self, r: Request, t: TraceRequest) -> None:
         pass
@@ -357,10 +345,6 @@ class RealPredictions:
 
     def finished(self, r: Request, t: TraceRequest) -> None:
         self.p.observe(t.prompt, r.num_output_tokens)
-
-
-def _clamp(v: float, lo: int, hi: int) -> int:
-    return max(lo, min(hi, int(round(v))))
 
 
 class CachedEmbed:

@@ -45,16 +45,17 @@ class CostModel:
             raise ValueError(f"fit needs at least 4 step samples, got {len(samples)}")
         data = np.asarray(samples, dtype=np.float64)
         features = np.column_stack([np.ones(len(data)), data[:, :3]])
-        coef = _nonnegative_lstsq(features, data[:, 3])
+        coef = nonnegative_lstsq(features, data[:, 3])
         return cls(*map(float, coef))
 
 
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0, by dropping the most negative coefficient and refitting (tiny problems only)."""
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with x >= 0 (active set: drop the most negative coefficient and refit; tiny problems only)."""
     active = list(range(a.shape[1]))
     while True:
         x = np.zeros(a.shape[1])
-        x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if active:
+            x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
         if (x >= 0).all() or not active:
             return np.maximum(x, 0)
-        active.remove(int(np.argmin(np.where(np.isin(np.arange(len(x)), active), x, np.inf))))
+        active.remove(min((i for i in active if x[i] < 0), key=lambda i: x[i]))

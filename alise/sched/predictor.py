@@ -335,7 +335,7 @@ class LengthPredictor:
         if not prompts:
             return []
         raw, _ = self.predict_embedded(self.embed_prompts(prompts))
-        return [_clamp(v, 1, max_tokens) for v in raw]
+        return [clamp_length(v, 1, max_tokens) for v in raw]
 
     def predict_remaining(self, prompt: Prompt, generated: int, max_tokens: int | None = None) -> int:
         """How many more tokens a request that has already generated ``generated`` tokens will produce (>= 1).
@@ -372,7 +372,7 @@ class LengthPredictor:
             est = float(self.default_len - g)
         if est is None:
             est = REMAINING_FRACTION * g
-        return _clamp(est, 1, hi)
+        return clamp_length(est, 1, hi)
 
     # -- history files ------------------------------------------------------------------------------------
 
@@ -427,7 +427,7 @@ def _check_max_tokens(max_tokens: int | None) -> None:
         raise ValueError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
 
 
-def _clamp(v: float, lo: int, hi: int | None) -> int:
+def clamp_length(v: float, lo: int, hi: int | None) -> int:
     v = int(round(float(v))) if math.isfinite(v) else lo
     v = max(lo, v)
     return min(v, hi) if hi is not None else v
