@@ -58,7 +58,7 @@ class LLMEngine:
         device = torch.device("cuda" if config.device == "cuda" or
                               (config.device == "auto" and torch.cuda.is_available()) else "cpu")
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
-        self.model = Llama.from_pretrained(folder, dtype=dtype).to(device)
+        self.model = Llama.from_pretrained(folder, dtype=dtype).to(device).pack_for_cpu()
         backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
         if backend == "triton" and device.type == "cpu":
             kernels.enable_triton_interpreter()

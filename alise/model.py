@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,6 +83,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     backend: str = "torch"
+    # what a backend derives from the fields above once and reuses in every layer (kernels.write_kv)
+    scratch: dict = field(default_factory=dict, repr=False)
 
 
 def rope_cos_sin(config: LlamaConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +125,32 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run on a weight pre-packed for the CPU's GEMM kernels (``Llama.pack_for_cpu``).
+
+    torch's CPU matmul re-lays-out a plain bf16 weight on every call, which dominates a batch-1 decode step
+    (a GEMV reads each weight once). oneDNN's pre-packed blocked layout skips that: measured 1.5-1.9x faster
+    GEMVs for this model's shapes, 1.1-1.2x at 32 rows, bit-identical results.
+    """
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def can_pack_for_cpu(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of a ``(out, in)`` bf16 weight, laid out for few-row inputs (decode)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -130,31 +158,34 @@ class Attention(nn.Module):
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v projections fused into one matmul (split again in from_pretrained's loader)
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.sm_scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)      # (T, Hq, D)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)   # (T, Hkv, D)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side get the same rotation: one call instead of two
+        qk = apply_rope(qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)           # (T, Hq, D), (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)                         # (T, Hkv, D)
         # write the new K/V into their pages first, then read the whole context back through the block table
-        kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend)
+        kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend,
+                         scratch=meta.scratch)
         out = kernels.paged_attention(
             query=q, cache=cache, block_tables=meta.block_tables, seq_lens=meta.seq_lens,
             query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
-            max_seq_len=meta.max_seq_len, sm_scale=self.sm_scale, backend=meta.backend)  # (T, Hq, D)
+            max_seq_len=meta.max_seq_len, sm_scale=self.sm_scale, backend=meta.backend,
+            scratch=meta.scratch)                                                # (T, Hq, D)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # fused
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # fused
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)          # (T, I) each
@@ -181,10 +212,11 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         cos, sin = rope_cos_sin(config, config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.packed_head: torch.Tensor | None = None   # set by pack_for_cpu when the head is tied
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 caches: list[kernels.LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -197,8 +229,26 @@ class Llama(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``(N, vocab)`` for the rows of ``hidden`` ``(N, C)``."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.packed_head is not None:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_head, None, "none", [], "").float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    def pack_for_cpu(self) -> "Llama":
+        """Pre-pack every bf16 projection for the CPU (see ``Linear``); a no-op elsewhere.
+
+        The packed copy replaces each projection's weight (same bytes); the tied head keeps the embedding
+        table for token lookups and adds a packed copy of it. Call after moving the model to its device.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight is not None and can_pack_for_cpu(module.weight):
+                module.packed = pack_for_cpu(module.weight)
+                del module.weight
+                module.register_parameter("weight", None)
+        if self.lm_head is None and can_pack_for_cpu(self.embed_tokens.weight):
+            self.packed_head = pack_for_cpu(self.embed_tokens.weight)
+        return self
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> "Llama":

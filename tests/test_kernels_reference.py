@@ -245,3 +245,24 @@ def test_kernel_benchmark_byte_table(capsys):
     out = capsys.readouterr().out
     assert "0.516x" in out and "0.281x" in out and "1.000x" in out
     assert ("needs CUDA" in out) != torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("lens", [[(1, 37), (1, 37), (1, 37)], [(1, 5), (1, 37), (1, 16)], [(1, 20), (9, 30)]])
+def test_step_scratch_is_shared_by_layers(lens):
+    """One ``scratch`` dict per step, shared by two layers' pools: each layer still gets its own exact result
+    (decode batches of equal and unequal lengths take the unpadded path, mixed ones the padded one)."""
+    need = sum(math.ceil(s / 16) for _, s in lens)
+    scratch = {}
+    for layer in range(2):
+        cache = random_pool(kv_dtype="fp32", num_blocks=need + 1, block_size=16, num_kv_heads=2, head_dim=16,
+                            seed=layer)
+        query, meta = random_batch(lens=lens, num_blocks=need + 1, block_size=16, num_heads=6, head_dim=16,
+                                   seed=7, dtype=torch.float32)
+        key = value = torch.randn(query.shape[0], 2, 16, generator=torch.Generator().manual_seed(layer))
+        slots = torch.arange(query.shape[0]) + 3          # one step: the same slots in every layer
+        kernels.write_kv(key=key, value=value, cache=cache, slot_mapping=slots, scratch=scratch)
+        assert torch.equal(cache.k.flatten(0, 1)[slots], key)
+        out = kernels.paged_attention(query=query, cache=cache, **meta, scratch=scratch)
+        want = dense_attention(query, *dequantized_pages(cache), **meta)
+        assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
+    assert scratch   # the plan was kept for the second layer

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from alise import LLM, SamplingParams
-from alise.model import Llama
+from alise.model import Linear, Llama, can_pack_for_cpu
 from conftest import TINY_CONFIG, tiny_state_dict
 
 
@@ -218,3 +218,20 @@ def test_loader_config_missing_key(tiny_model_dir, tmp_path):
     folder = _broken_copy(tiny_model_dir, tmp_path, config=config)
     with pytest.raises(ValueError, match="hidden_size"):
         Llama.from_pretrained(folder)
+
+
+@pytest.mark.skipif(not can_pack_for_cpu(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 on this CPU")
+def test_packed_cpu_weights_compute_the_same_projections(tiny_model_dir):
+    """``pack_for_cpu`` swaps every bf16 projection's weight for oneDNN's packed copy: same outputs."""
+    plain = Llama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    packed = Llama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).pack_for_cpu()
+    x = torch.randn(5, TINY_CONFIG["hidden_size"], generator=torch.Generator().manual_seed(0)).bfloat16()
+    linears = [(name, m) for name, m in packed.named_modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is None and m.packed is not None for _, m in linears)
+    for name, module in linears:
+        reference = plain.get_submodule(name)
+        inputs = x if reference.in_features == x.shape[1] else \
+            torch.randn(3, reference.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+        torch.testing.assert_close(module(inputs), F.linear(inputs, reference.weight, reference.bias),
+                                   atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(packed.compute_logits(x), plain.compute_logits(x), atol=1e-2, rtol=1e-2)

@@ -106,24 +106,28 @@ def _check_backend(backend: str) -> None:
 
 
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor,
-             backend: str = "torch") -> None:
-    """Quantize (if needed) ``key``/``value`` ``[T, Hkv, D]`` and store token t at ``slot_mapping[t]``."""
+             backend: str = "torch", scratch: dict | None = None) -> None:
+    """Quantize (if needed) ``key``/``value`` ``[T, Hkv, D]`` and store token t at ``slot_mapping[t]``.
+
+    ``scratch``: an empty dict per step, shared by every layer's calls, where the torch backend keeps what it
+    derives from the step's metadata (so it is derived once, not once per layer).
+    """
     _check_backend(backend)
     if backend == "triton":
         _triton("quant", key.device).write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
     else:
-        reference.write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
+        reference.write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping, scratch=scratch)
 
 
 def paged_attention(*, query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                    max_seq_len: int, sm_scale: float, backend: str = "torch",
+                    max_seq_len: int, sm_scale: float, backend: str = "torch", scratch: dict | None = None,
                     split_kv: bool | None = None, **triton_options) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over each sequence's pages; returns ``[T, Hq, D]``.
 
     Triton only: ``split_kv`` forces the split-K decode path on (True) or off (False); None picks it for
     decode-only batches with long contexts. ``triton_options`` (``block_n``, ``prefill_block_m``) override tile
-    sizes; see ``attention.py``.
+    sizes; see ``attention.py``. ``scratch``: as for ``write_kv``.
     """
     _check_backend(backend)
     kwargs = dict(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
@@ -132,4 +136,4 @@ def paged_attention(*, query: torch.Tensor, cache: LayerKVCache, block_tables: t
     if backend == "triton":
         return _triton("attention", query.device).paged_attention(**kwargs, split_kv=split_kv,
                                                                      **triton_options)
-    return reference.paged_attention(**kwargs)
+    return reference.paged_attention(**kwargs, scratch=scratch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,13 +140,26 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str) ->
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
 
-def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor) -> None:
+def _per_step(scratch: dict | None, key: str, build):
+    """``build()``, memoized in ``scratch`` when given: tensors derived from a step's metadata are the same in
+    every layer, so the runner passes one dict per step and the work happens once instead of once per layer."""
+    if scratch is None:
+        return build()
+    if key not in scratch:
+        scratch[key] = build()
+    return scratch[key]
+
+
+def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor,
+             scratch: dict | None = None) -> None:
     """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    def written():                                              # rows to store and where, -1 filtered out
+        keep = slot_mapping >= 0
+        return (None, slot_mapping.long()) if bool(keep.all()) else (keep, slot_mapping[keep].long())
+    keep, slots = _per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
-        q, s = quantize(src[keep], cache.kv_dtype)
+        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype)
         data.view(num_slots, *data.shape[2:])[slots] = q
         if scale is not None:
             scale.view(num_slots, *scale.shape[2:])[slots] = s
@@ -170,36 +184,66 @@ def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torc
             dequantize(gather(cache.v), gather(cache.v_scale), cache.kv_dtype))
 
 
+@dataclass
+class PaddingPlan:
+    """How a step's ragged query rows sit on the padded ``(B, max_query_len)`` grid, and what each row sees."""
+
+    seq_of_token: torch.Tensor | None   # (T,) grid coordinates of each query row; None when T == B (decode)
+    row_of_token: torch.Tensor | None
+    mask: torch.Tensor | None           # (B, 1, G * Mq, L) bool: key visible; None when every key is visible
+
+
+def padding_plan(*, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_tokens: int, group: int,
+                 max_query_len: int, max_seq_len: int) -> PaddingPlan:
+    batch = seq_lens.numel()
+    device = seq_lens.device
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]          # (B,)
+    seq_of_token = row_of_token = None
+    if max_query_len > 1:
+        # place each query row at (sequence, row within its chunk) of a padded (B, Mq) grid
+        seq_of_token = torch.repeat_interleave(torch.arange(batch, device=device), q_lens, output_size=num_tokens)
+        row_of_token = torch.arange(num_tokens, device=device) - query_start_loc[seq_of_token]
+    if max_query_len == 1 and bool((seq_lens == max_seq_len).all()):
+        return PaddingPlan(seq_of_token, row_of_token, None)     # decode, equal lengths: nothing to hide
+    # query row i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None]  # (B, Mq)
+    k_pos = torch.arange(max_seq_len, device=device)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]             # (B, Mq, L)
+    mask = mask[:, None].expand(batch, group, max_query_len, max_seq_len).reshape(batch, 1, -1, max_seq_len)
+    return PaddingPlan(seq_of_token, row_of_token, mask)
+
+
 def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
-                    sm_scale: float) -> torch.Tensor:
+                    sm_scale: float, scratch: dict | None = None) -> torch.Tensor:
     """Causal attention of ragged query rows over paged KV, vectorized by padding every sequence.
 
     Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid, with
     the query heads of each kv head stacked as extra query rows (GQA without copying K/V per query head).
+    ``scratch``: see ``_per_step`` (the padding plan is built once per step).
     """
     num_tokens, num_heads, head_dim = query.shape
     batch = seq_lens.numel()
     num_kv_heads = cache.k.shape[2]
     group = num_heads // num_kv_heads
     rotated = cache.kv_dtype == "int4"
+    plan = _per_step(scratch, f"padding_plan/{group}", lambda: padding_plan(
+        seq_lens=seq_lens, query_start_loc=query_start_loc, num_tokens=num_tokens, group=group,
+        max_query_len=max_query_len, max_seq_len=max_seq_len))
     k, v = gather_kv(cache, block_tables, max_seq_len)          # (B, L, Hkv, D)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]          # (B,)
-    # place each query row at (sequence, row within its chunk) of a padded (B, Mq) grid
-    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=query.device), q_lens, output_size=num_tokens)
-    row_of_token = torch.arange(num_tokens, device=query.device) - query_start_loc[seq_of_token]
-    q = query.new_zeros(batch, max_query_len, num_heads, head_dim)
-    q[seq_of_token, row_of_token] = rotate(query).to(query.dtype) if rotated else query   # (B, Mq, Hq, D)
-    # query row i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
-    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)[None]  # (B, Mq)
-    k_pos = torch.arange(max_seq_len, device=query.device)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]             # (B, Mq, L)
-    mask = mask[:, None].expand(batch, group, max_query_len, max_seq_len).reshape(batch, 1, -1, max_seq_len)
+    query = rotate(query).to(query.dtype) if rotated else query
+    if plan.seq_of_token is None:                                # one row per sequence: the grid is the batch
+        q = query.view(batch, 1, num_heads, head_dim)
+    else:
+        q = query.new_zeros(batch, max_query_len, num_heads, head_dim)
+        q[plan.seq_of_token, plan.row_of_token] = query          # (B, Mq, Hq, D)
     q = q.view(batch, max_query_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)   # (B, Hkv, G, Mq, D)
     out = F.scaled_dot_product_attention(
         q.reshape(batch, num_kv_heads, group * max_query_len, head_dim),
         k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask, scale=sm_scale)                          # (B, Hkv, G * Mq, D)
+        attn_mask=plan.mask, scale=sm_scale)                     # (B, Hkv, G * Mq, D)
     out = out.view(batch, num_kv_heads, group, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(batch, max_query_len, num_heads, head_dim)[seq_of_token, row_of_token]   # (T, Hq, D)
+    out = out.reshape(batch, max_query_len, num_heads, head_dim)  # (B, Mq, Hq, D)
+    out = out.view(num_tokens, num_heads, head_dim) if plan.seq_of_token is None else \
+        out[plan.seq_of_token, plan.row_of_token]                # (T, Hq, D)
     return rotate(out).to(query.dtype) if rotated else out
