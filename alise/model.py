@@ -161,6 +161,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.sm_scale = self.head_dim ** -0.5
+        # (Hkv, D) or None: subtracted from every key before it is stored. Softmax ignores a shift shared by all
+        # keys of a query (q.(k - c) = q.k - q.c, the same for every key), so attention is unchanged, but an
+        # int4 pool quantizes keys without their large per-channel offsets (ModelRunner.center_keys)
+        self.key_center: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -170,6 +174,8 @@ class Attention(nn.Module):
         qk = apply_rope(qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)           # (T, Hq, D), (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)                         # (T, Hkv, D)
+        if self.key_center is not None:
+            k = k - self.key_center
         # write the new K/V into their pages first, then read the whole context back through the block table
         kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend,
                          scratch=meta.scratch)

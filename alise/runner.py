@@ -12,6 +12,15 @@ from alise.sched.scheduler import ScheduledBatch
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_GB = 1.0
+KEY_CENTER_TOKENS = 512
+
+
+def key_calibration_text() -> str:
+    """Fixed real English text for ``ModelRunner.center_keys``: CPython's pydoc topics (sorted by name) from
+    character 300000 on, far from the start that the perplexity measurements score."""
+    import pydoc_data.topics
+    text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    return text[300000:308000]
 
 
 @dataclass
@@ -46,6 +55,33 @@ class ModelRunner:
                                                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                                     kv_dtype=kv_dtype, device=device)
                        for _ in range(cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def center_keys(self, token_ids: list[int]) -> None:
+        """Set every layer's ``key_center`` to its mean key (after RoPE) over ``token_ids`` (see ``Attention``).
+
+        For int4 pools: the mean removes the keys' per-channel offsets (large in the low-frequency RoPE channels,
+        which barely rotate), so the quantizer's range is spent on what differs between keys. Measured on the
+        default model, 24 x 512 tokens of pydoc topics: int4 perplexity +6.0% -> +3.9% over unquantized KV, key
+        quantization error (relative MSE) 7.3e-3 -> 3.1e-3. Token 0 (the attention sink, an outlier) is left out.
+        """
+        num_tokens = len(token_ids)
+        if num_tokens < 2:
+            raise ValueError("center_keys needs at least 2 calibration tokens")
+        model = self.model
+        for layer in model.layers:
+            layer.self_attn.key_center = None
+        caches = [kernels.allocate_layer_cache(num_blocks=1, block_size=num_tokens, num_kv_heads=self.num_kv_heads,
+                                               head_dim=self.head_dim, kv_dtype="fp32", device=self.device)
+                  for _ in model.layers]
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device), block_tables=as_tensor([[0]], torch.int32),
+            seq_lens=as_tensor([num_tokens], torch.int32), query_start_loc=as_tensor([0, num_tokens], torch.int32),
+            max_query_len=num_tokens, max_seq_len=num_tokens, backend="torch")
+        model(as_tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
+        for layer, cache in zip(model.layers, caches):   # the fp32 pool holds every token's key: (1, n, Hkv, D)
+            layer.self_attn.key_center = cache.k[0, 1:].mean(0).to(model.embed_tokens.weight.dtype)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
