@@ -23,6 +23,9 @@ from alise.tokenizer import IncrementalDecoder, Tokenizer
 from alise import kernels
 
 COST_REFIT_EVERY = 64        # steps between refits of the cost model to measured step times
+# and early ones: until the first fit the ranking runs on the default costs, which can be 10x off (a CPU step
+# costs ~35 ms, not 5); every request then looks overdue and running ones get evicted for waiting ones
+EARLY_REFITS = (4, 8, 16, 32)
 COST_SAMPLES_KEPT = 1024
 
 
@@ -213,7 +216,7 @@ class LLMEngine:
         self.step_samples.append((batch.num_prefill_tokens, batch.num_decode_seqs, context, elapsed))
         del self.step_samples[:-COST_SAMPLES_KEPT]
         self.num_steps += 1
-        if self.num_steps % COST_REFIT_EVERY == 0:
+        if self.num_steps in EARLY_REFITS or self.num_steps % COST_REFIT_EVERY == 0:
             fitted = CostModel.fit(self.step_samples)
             self.cost.__dict__.update(fitted.__dict__)
 

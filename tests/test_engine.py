@@ -369,3 +369,20 @@ def test_metrics_are_ordered(tiny_model_dir):
         assert m.predicted_output_len is not None and m.predicted_output_len >= 1
     fcfs = tiny(tiny_model_dir, kv_cache_blocks=16).generate(["hello"], SamplingParams(max_tokens=2))[0]
     assert fcfs.metrics.arrival_time <= fcfs.metrics.first_token_time <= fcfs.metrics.finish_time
+
+
+def test_cost_model_is_fitted_to_this_machine_within_a_few_steps(tiny_model_dir):
+    """The speculative ranking must not run long on the default costs (on a CPU they are ~10x off and make
+    every request look overdue): the first refit comes after 4 measured steps."""
+    from alise.sched.cost import CostModel
+    llm = tiny(tiny_model_dir, scheduler="alise")
+    engine = llm.engine
+    engine.add_request(list(range(5, 40)), SamplingParams(max_tokens=8, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.cost == CostModel()
+    engine.step()
+    assert engine.cost != CostModel()
+    fitted_step = engine.cost.step_time(0, 1, 40)
+    measured = sorted(s[3] for s in engine.step_samples if s[0] == 0)
+    assert measured and fitted_step == pytest.approx(measured[len(measured) // 2], rel=1.0)
