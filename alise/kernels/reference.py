@@ -10,7 +10,8 @@ Quantization formats (the Triton kernels in ``quant.py`` / ``attention.py`` impl
   ``x ~= u * scale + offset``. Two codes per byte: low nibble = even channel, high nibble = odd channel.
   The cache therefore holds *rotated* K and V. Attention is invariant when the query is rotated the same way
   (``(qR) . (kR) = q . k`` for orthonormal ``R``), and the output comes back with one more multiply by ``R``
-  (``R`` is its own inverse). See ``quant.py`` for the measurements behind this choice.
+  (``R`` is its own inverse). See ``quant.py`` for the measurements behind this choice. (The engine also
+  stores int4 keys minus a per-layer mean key, ``ModelRunner.center_keys``: exact for attention, smaller error.)
 
 Rounding is ``floor(y + 0.5)`` (to nearest) everywhere, never truncation, and the same in the kernels, so the
 Triton writer reproduces these codes. Scales are floored at fp16's smallest normal number (``SCALE_MIN``), so an
