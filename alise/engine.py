@@ -216,7 +216,8 @@ class LLMEngine:
         self.step_samples.append((batch.num_prefill_tokens, batch.num_decode_seqs, context, elapsed))
         del self.step_samples[:-COST_SAMPLES_KEPT]
         self.num_steps += 1
-        if self.num_steps in EARLY_REFITS or self.num_steps % COST_REFIT_EVERY == 0:
+        refit_now = self.num_steps in EARLY_REFITS or self.num_steps % COST_REFIT_EVERY == 0
+        if refit_now and len(self.step_samples) >= 4:    # a user may have cleared the samples
             fitted = CostModel.fit(self.step_samples)
             self.cost.__dict__.update(fitted.__dict__)
 

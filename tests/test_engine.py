@@ -386,3 +386,7 @@ def test_cost_model_is_fitted_to_this_machine_within_a_few_steps(tiny_model_dir)
     fitted_step = engine.cost.step_time(0, 1, 40)
     measured = sorted(s[3] for s in engine.step_samples if s[0] == 0)
     assert measured and fitted_step == pytest.approx(measured[len(measured) // 2], rel=1.0)
+    engine.step_samples.clear()        # what a benchmark does between runs; the next refit comes with 1 sample
+    engine.num_steps = 63
+    engine.step()                      # must not fit (nor raise) on fewer than 4 samples
+    assert engine.num_steps == 64 and len(engine.step_samples) == 1
