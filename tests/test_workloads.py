@@ -105,3 +105,18 @@ def test_real_conversations():
     assert sum(s.startswith("mtbench:") for s, _ in convs) == 80
     assert all(m[-1]["role"] == "user" for _, m in convs)
     assert len({json.dumps(m) for _, m in convs}) == 80 + 436
+
+
+def test_split_trace_cli_writes_disjoint_parts(tmp_path):
+    from alise.bench.__main__ import main
+    trace = tmp_path / "trace.jsonl"
+    rows = [json.dumps({"prompt": f"question {i}", "prompt_len": 3, "output_len": i + 1}) for i in range(10)]
+    trace.write_text("\n".join(rows) + "\n")
+    hist, test = tmp_path / "hist.jsonl", tmp_path / "test.jsonl"
+    main(["split-trace", "--trace", str(trace), "--history", "4", "--history-out", str(hist), "--test-out", str(test)])
+    h, t = hist.read_text().splitlines(), test.read_text().splitlines()
+    assert len(h) == 4 and len(t) == 6 and sorted(h + t) == sorted(rows) and not set(h) & set(t)
+    assert [r.output_len for r in W.load_trace(test)] == [json.loads(line)["output_len"] for line in t]
+    with pytest.raises(SystemExit, match="--history"):
+        main(["split-trace", "--trace", str(trace), "--history", "10", "--history-out", str(hist),
+              "--test-out", str(test)])

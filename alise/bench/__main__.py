@@ -1,9 +1,10 @@
-"""Serving benchmarks: ``python -m alise.bench {sim,serve,make-trace,predictor-errors} ...``
+"""Serving benchmarks: ``python -m alise.bench {sim,serve,make-trace,split-trace,predictor-errors} ...``
 
     python -m alise.bench sim --workload sharegpt --policies fcfs,alise,oracle --json out.json --plot out.png
     python -m alise.bench sim --workload mtbench --train history.jsonl --profile h100-13b --rates 1,2,4
     python -m alise.bench serve --workload mtbench --policies fcfs,alise --rates 0.5,1 --num-requests 24
     python -m alise.bench make-trace --out trace.jsonl        # runs the default model on the real prompts
+    python -m alise.bench split-trace --history 300 --history-out hist.jsonl --test-out test.jsonl
     python -m alise.bench predictor-errors --trace trace.jsonl  # the real predictor's error, for length-only sims
 
 Metric (DESIGN.md, "Workloads"): normalized latency = mean over requests of end-to-end latency / output tokens
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -445,6 +447,19 @@ def cmd_make_trace(args) -> None:
     print(f"appended {len(recs)} records to {args.out}")
 
 
+def cmd_split_trace(args) -> None:
+    """Shuffle a trace's lines (seeded) and write the first ``--history`` to one file, the rest to another: a
+    predictor history (``--train``) and a measured trace with no prompt in common with it."""
+    path = W.default_trace_path() if args.trace == "mtbench" else Path(args.trace)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not 0 < args.history < len(lines):
+        raise SystemExit(f"--history must be between 1 and {len(lines) - 1} (the trace has {len(lines)} lines)")
+    random.Random(args.seed).shuffle(lines)
+    for out, part in ((args.history_out, lines[:args.history]), (args.test_out, lines[args.history:])):
+        Path(out).write_text("\n".join(part) + "\n", encoding="utf-8")
+        print(f"wrote {len(part)} requests to {out}")
+
+
 def cmd_predictor_errors(args) -> dict:
     if args.trace:
         path = Path(args.trace)
@@ -511,6 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, default=None, help="stop after this many distinct prompts")
     t.add_argument("--max-num-seqs", type=int, default=64)
     t.set_defaults(func=cmd_make_trace)
+
+    x = sub.add_parser("split-trace", help="split a trace into a predictor history and a measured part")
+    x.add_argument("--trace", default="mtbench", help="mtbench (the default real-text trace) or a JSONL file")
+    x.add_argument("--history", type=int, required=True, help="requests that go to the history file")
+    x.add_argument("--history-out", required=True)
+    x.add_argument("--test-out", required=True)
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(func=cmd_split_trace)
 
     e = sub.add_parser("predictor-errors", help="measure the real predictor's error (for length-only sims)")
     e.add_argument("--trace", help="a trace with prompts (default: the LMSYS + MT-Bench proxy set)")
