@@ -227,19 +227,24 @@ def test_summary_counts_overloaded_runs_as_over_the_bound():
     assert ratio["alise"]["0.02"] == pytest.approx(max_rate["alise"]["0.02"] / 1.5)
 
 
-def test_fitted_profile_ignores_stalls():
+def test_fitted_profile_fits_the_typical_step_and_keeps_the_stalls_time():
+    """Stalls (another process took the CPU) do not bend the per-token coefficients, but their time is kept as
+    per-step overhead: the simulated engine must not be faster than the measured one."""
     rng = np.random.default_rng(0)
     true = CostModel(overhead=0.05, prefill_token=1e-3, decode_seq=1e-2, context_token=1e-6)
-    rows = []
+    rows, stalls = [], []
     for _ in range(300):
         p, d, c = int(rng.integers(0, 200)), int(rng.integers(0, 16)), int(rng.integers(0, 5000))
-        stall = 5.0 if rng.random() < 0.03 else 0.0            # another process took the CPU
-        rows.append((p, d, c, true.step_time(p, d, c) + stall))
+        stalls.append(5.0 if rng.random() < 0.03 else 0.0)
+        rows.append((p, d, c, true.step_time(p, d, c) + stalls[-1]))
     prof = S.fitted_profile(rows, num_blocks=10, block_size=16, max_num_seqs=4, max_num_batched_tokens=512,
                             max_model_len=2048, swap_capacity_bytes=1, swap_bytes_per_token=1, swap_bandwidth=1)
     assert prof.kind == "fitted"
-    for f in ("overhead", "prefill_token", "decode_seq", "context_token"):
+    for f in ("prefill_token", "decode_seq", "context_token"):
         assert getattr(prof.cost, f) == pytest.approx(getattr(true, f), rel=0.05)
+    assert prof.cost.overhead == pytest.approx(true.overhead + np.mean(stalls), rel=0.05)
+    total = sum(prof.cost.step_time(p, d, c) for p, d, c, _ in rows)
+    assert total == pytest.approx(sum(r[3] for r in rows), rel=1e-6)
 
 
 def test_serve_run_on_a_tiny_model(tiny_model_dir):
