@@ -15,7 +15,7 @@ from alise.model import Llama
 from alise.runner import KEY_CENTER_TOKENS, ModelRunner, key_calibration_text
 from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
-from alise.sched.cost import CostModel
+from alise.sched.cost import MIN_FIT_SAMPLES, CostModel
 from alise.sched.policy import make_policy
 from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
@@ -217,7 +217,7 @@ class LLMEngine:
         del self.step_samples[:-COST_SAMPLES_KEPT]
         self.num_steps += 1
         refit_now = self.num_steps in EARLY_REFITS or self.num_steps % COST_REFIT_EVERY == 0
-        if refit_now and len(self.step_samples) >= 4:    # a user may have cleared the samples
+        if refit_now and len(self.step_samples) >= MIN_FIT_SAMPLES:    # a user may have cleared them
             fitted = CostModel.fit(self.step_samples)
             self.cost.__dict__.update(fitted.__dict__)
 

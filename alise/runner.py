@@ -56,6 +56,9 @@ class ModelRunner:
                                                     kv_dtype=kv_dtype, device=device)
                        for _ in range(cfg.num_hidden_layers)]
 
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
     @torch.inference_mode()
     def center_keys(self, token_ids: list[int]) -> None:
         """Set every layer's ``key_center`` to its mean key (after RoPE) over ``token_ids`` (see ``Attention``).
@@ -74,12 +77,12 @@ class ModelRunner:
         caches = [kernels.allocate_layer_cache(num_blocks=1, block_size=num_tokens, num_kv_heads=self.num_kv_heads,
                                                head_dim=self.head_dim, kv_dtype="fp32", device=self.device)
                   for _ in model.layers]
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device), block_tables=as_tensor([[0]], torch.int32),
-            seq_lens=as_tensor([num_tokens], torch.int32), query_start_loc=as_tensor([0, num_tokens], torch.int32),
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=self._tensor([[0]], torch.int32), seq_lens=self._tensor([num_tokens], torch.int32),
+            query_start_loc=self._tensor([0, num_tokens], torch.int32),
             max_query_len=num_tokens, max_seq_len=num_tokens, backend="torch")
-        model(as_tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
+        model(self._tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
         for layer, cache in zip(model.layers, caches):   # the fp32 pool holds every token's key: (1, n, Hkv, D)
             layer.self_attn.key_center = cache.k[0, 1:].mean(0).to(model.embed_tokens.weight.dtype)
 
@@ -119,21 +122,21 @@ class ModelRunner:
                 logit_rows.append(row0 + n - 1)
         max_blocks = max(len(r.block_table) for r in batch.requests)
         block_tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slot_mapping=as_tensor(slots, torch.int64), block_tables=as_tensor(block_tables, torch.int32),
-            seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(query_start, torch.int32),
+            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(block_tables, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(query_start, torch.int32),
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), backend=self.backend)
-        hidden = self.model(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), self.caches, meta)
+        hidden = self.model(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
+                            self.caches, meta)
         if not logit_rows:
             return StepResult({}, {})
-        logits = self.model.compute_logits(hidden[as_tensor(logit_rows, torch.int64)])  # (N, V) float32
+        logits = self.model.compute_logits(hidden[self._tensor(logit_rows, torch.int64)])  # (N, V) float32
         result = StepResult({}, {})
         if score_of:
             logprobs = torch.log_softmax(logits, dim=-1)
             for r, row, targets in score_of:
                 rows = torch.arange(row, row + len(targets), device=self.device)
-                result.prompt_logprobs[id(r)] = logprobs[rows, as_tensor(targets, torch.int64)].tolist()
+                result.prompt_logprobs[id(r)] = logprobs[rows, self._tensor(targets, torch.int64)].tolist()
         if sample_of:
             rows = [row for _, row in sample_of]
             tokens = sample(logits[rows], [r.params for r, _ in sample_of], [r.generator for r, _ in sample_of])

@@ -234,28 +234,27 @@ def fitted_profile(samples, *, num_blocks: int, block_size: int, max_num_seqs: i
     then added to the per-step overhead (the total time stays what was measured). The description gives the
     error of the final fit over all steps.
     """
-    samples = list(samples)
-    cost = CostModel.fit(samples)
-    if len(samples) >= 40:
-        data = np.asarray(samples, dtype=np.float64)
-        keep = np.ones(len(data), dtype=bool)
+    data = np.asarray(list(samples), dtype=np.float64)
+
+    def excess(cost: CostModel) -> np.ndarray:        # measured minus modelled seconds, per step
+        return data[:, 3] - np.array([cost.step_time(*row[:3]) for row in data])
+    cost = CostModel.fit([tuple(row) for row in data])
+    if len(data) >= 40:
         for _ in range(3):      # stalls are large positive residuals: drop the worst 10% (absolute), refit
-            resid = data[:, 3] - np.array([cost.step_time(*row[:3]) for row in data])
-            keep = resid <= np.quantile(resid, 0.9)
-            cost = CostModel.fit([tuple(row) for row in data[keep]])
+            resid = excess(cost)
+            cost = CostModel.fit([tuple(row) for row in data[resid <= np.quantile(resid, 0.9)]])
         # the stalls still cost the engine time: spread them over every step as overhead, so the model's total
         # equals the measured total (the simulated run keeps the engine's throughput, not its typical step's)
-        resid = data[:, 3] - np.array([cost.step_time(*row[:3]) for row in data])
-        cost.overhead = max(cost.overhead + float(resid.mean()), 0.0)
-    data = np.asarray(samples, dtype=np.float64)
-    rel_all = np.abs(np.array([cost.step_time(*row[:3]) for row in data]) - data[:, 3]) / data[:, 3]
+        cost.overhead = max(cost.overhead + float(excess(cost).mean()), 0.0)
+    rel_all = np.abs(excess(cost)) / data[:, 3]
     rel = (float(np.median(rel_all)), float(rel_all.mean()))
     return Profile(name=name, cost=cost, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                    swap_capacity_bytes=swap_capacity_bytes, swap_bytes_per_token=swap_bytes_per_token,
                    swap_bandwidth=swap_bandwidth, kind="fitted",
-                   description=(f"CostModel.fit on {len(samples)} measured engine steps (fitted without the 10% slowest "
-                                f"relative to the fit, 3 rounds, their mean excess added to the overhead); |rel. err| over all steps: median {rel[0]:.1%}, mean {rel[1]:.1%}"))
+                   description=(f"CostModel.fit on {len(data)} measured engine steps (fitted without the 10% slowest "
+                                f"relative to the fit, 3 rounds, their mean excess added to the overhead); |rel. "
+                                f"err| over all steps: median {rel[0]:.1%}, mean {rel[1]:.1%}"))
 
 
 def get_profile(spec: str | None, **kw) -> Profile:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MIN_FIT_SAMPLES = 4             # one per coefficient
+
 
 @dataclass
 class CostModel:
@@ -41,8 +43,8 @@ class CostModel:
 
         Coefficients are kept non-negative (a negative cost would invert the scheduler's ranking).
         """
-        if len(samples) < 4:
-            raise ValueError(f"fit needs at least 4 step samples, got {len(samples)}")
+        if len(samples) < MIN_FIT_SAMPLES:
+            raise ValueError(f"fit needs at least {MIN_FIT_SAMPLES} step samples, got {len(samples)}")
         data = np.asarray(samples, dtype=np.float64)
         features = np.column_stack([np.ones(len(data)), data[:, :3]])
         coef = nonnegative_lstsq(features, data[:, 3])
