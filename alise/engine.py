@@ -12,7 +12,7 @@ import torch
 from alise.config import EngineConfig
 from alise.hub import resolve_model
 from alise.model import Llama
-from alise.runner import KEY_CENTER_TOKENS, ModelRunner, key_calibration_text
+from alise.runner import KEY_CALIBRATION_TOKENS, ModelRunner, key_calibration_text
 from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import MIN_FIT_SAMPLES, CostModel
@@ -70,8 +70,8 @@ class LLMEngine:
                                   num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
                                   backend=backend, device=device, swap_kv_dtype=config.swap_kv_dtype)
         if kv_dtype == "int4":
-            num_tokens = min(KEY_CENTER_TOKENS, self.model.config.max_position_embeddings)
-            self.runner.center_keys(self.tokenizer.encode(key_calibration_text())[:num_tokens])
+            num_tokens = min(KEY_CALIBRATION_TOKENS, self.model.config.max_position_embeddings)
+            self.runner.calibrate_keys(self.tokenizer.encode(key_calibration_text())[:num_tokens])
         self.max_model_len = min(config.max_model_len or self.model.config.max_position_embeddings,
                                  self.model.config.max_position_embeddings)
         self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)

@@ -166,21 +166,36 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.sm_scale = self.head_dim ** -0.5
-        # (Hkv, D) or None: subtracted from every key before it is stored. Softmax ignores a shift shared by all
-        # keys of a query (q.(k - c) = q.k - q.c, the same for every key), so attention is unchanged, but an
-        # int4 pool quantizes keys without their large per-channel offsets (ModelRunner.center_keys)
+        # Two (Hkv, D) tensors or None, set for int4 pools by ModelRunner.calibrate_keys; attention is unchanged:
+        # key_center is subtracted from every key before it is stored. Softmax ignores a shift shared by all keys
+        # of a query (q.(k - c) = q.k - q.c, the same for every key), and the quantizer no longer spends its
+        # range on the keys' large per-channel offsets.
+        # key_balance divides each key channel and multiplies the queries' same channel (q.k = (q*b).(k/b)):
+        # it shrinks key channels whose quantization error the queries would amplify.
         self.key_center: torch.Tensor | None = None
+        self.key_balance: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q ``(T, Hq, D)`` and k ``(T, Hkv, D)`` after RoPE, and v ``(T, Hkv, D)``, of the normed input x."""
         T = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads side by side get the same rotation: one call instead of two
         qk = apply_rope(qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)           # (T, Hq, D), (T, Hkv, D)
-        v = v.view(T, self.num_kv_heads, self.head_dim)                         # (T, Hkv, D)
+        return q, k, v.view(T, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.project(x, cos, sin)
+        # in fp32 (the calibration tensors are fp32): the int4 writer quantizes from fp32 anyway, and a bf16
+        # k - key_center would round relative to the large offsets being removed
         if self.key_center is not None:
-            k = k - self.key_center
+            k = k.float() - self.key_center
+        if self.key_balance is not None:   # each query head uses its kv head's channel weights
+            k = k / self.key_balance
+            q = (q.float().view(T, self.num_kv_heads, -1, self.head_dim) * self.key_balance[:, None]
+                 ).view(q.shape).to(q.dtype)
         # write the new K/V into their pages first, then read the whole context back through the block table
         kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend,
                          scratch=meta.scratch)

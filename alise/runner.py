@@ -12,11 +12,12 @@ from alise.sched.scheduler import ScheduledBatch
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_GB = 1.0
-KEY_CENTER_TOKENS = 512
+KEY_CALIBRATION_TOKENS = 512
+KEY_BALANCE_EXPONENT = 0.1
 
 
 def key_calibration_text() -> str:
-    """Fixed real English text for ``ModelRunner.center_keys``: CPython's pydoc topics (sorted by name) from
+    """Fixed real English text for ``ModelRunner.calibrate_keys``: CPython's pydoc topics (sorted by name) from
     character 300000 on, far from the start that the perplexity measurements score."""
     import pydoc_data.topics
     text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
@@ -60,20 +61,31 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
-    def center_keys(self, token_ids: list[int]) -> None:
-        """Set every layer's ``key_center`` to its mean key (after RoPE) over ``token_ids`` (see ``Attention``).
+    def calibrate_keys(self, token_ids: list[int]) -> None:
+        """Set every layer's ``key_center`` and ``key_balance`` (see ``Attention``) from ``token_ids``, for int4
+        pools. Both leave attention exact; they change what the quantizer sees.
 
-        For int4 pools: the mean removes the keys' per-channel offsets (large in the low-frequency RoPE channels,
-        which barely rotate), so the quantizer's range is spent on what differs between keys. Measured on the
-        default model, 24 x 512 tokens of pydoc topics: int4 perplexity +6.0% -> +3.9% over unquantized KV, key
-        quantization error (relative MSE) 7.3e-3 -> 3.1e-3. Token 0 (the attention sink, an outlier) is left out.
+        * ``key_center``: the mean key after RoPE. It removes the keys' per-channel offsets (large in the
+          low-frequency RoPE channels, which barely rotate), so the quantizer's range is spent on what differs
+          between keys.
+        * ``key_balance``: per channel ``(E[k^2] / E[q^2]) ** KEY_BALANCE_EXPONENT`` of the centred keys and
+          the queries of the kv head, normalized to unit RMS. A quantization error in key channel c moves the
+          scores by ``q_c * error_c``, so channels where queries are small can be stored coarser; the exponent
+          was chosen by measurement (``kernels/quant.py``: 0.05 / 0.1 / 0.15 / 0.2 / 0.5 gave +3.3 / +2.3 /
+          +2.4 / +3.0 / worse).
+
+        Token 0 (the attention sink, an outlier) is left out of both statistics.
         """
         num_tokens = len(token_ids)
         if num_tokens < 2:
-            raise ValueError("center_keys needs at least 2 calibration tokens")
+            raise ValueError("calibrate_keys needs at least 2 calibration tokens")
         model = self.model
-        for layer in model.layers:
-            layer.self_attn.key_center = None
+        attns = [layer.self_attn for layer in model.layers]
+        for attn in attns:
+            attn.key_center = attn.key_balance = None
+        inputs = {}   # attention module -> its (normed x, cos, sin) of the calibration pass
+        hooks = [attn.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[:3]))
+                 for attn in attns]
         caches = [kernels.allocate_layer_cache(num_blocks=1, block_size=num_tokens, num_kv_heads=self.num_kv_heads,
                                                head_dim=self.head_dim, kv_dtype="fp32", device=self.device)
                   for _ in model.layers]
@@ -82,9 +94,20 @@ class ModelRunner:
             block_tables=self._tensor([[0]], torch.int32), seq_lens=self._tensor([num_tokens], torch.int32),
             query_start_loc=self._tensor([0, num_tokens], torch.int32),
             max_query_len=num_tokens, max_seq_len=num_tokens, backend="torch")
-        model(self._tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
-        for layer, cache in zip(model.layers, caches):   # the fp32 pool holds every token's key: (1, n, Hkv, D)
-            layer.self_attn.key_center = cache.k[0, 1:].mean(0).to(model.embed_tokens.weight.dtype)
+        try:
+            model(self._tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for attn in attns:
+            q, k, _ = attn.project(*inputs[attn])
+            q, k = q[1:].float(), k[1:].float()                                    # (n, Hq, D), (n, Hkv, D)
+            center = k.mean(0)                                                     # (Hkv, D)
+            key_energy = (k - center).pow(2).mean(0)                               # (Hkv, D)
+            query_energy = q.unflatten(1, (self.num_kv_heads, -1)).pow(2).mean((0, 2))   # (Hkv, D)
+            balance = (key_energy / query_energy.clamp_min(1e-12)).clamp_min(1e-12) ** KEY_BALANCE_EXPONENT
+            balance = balance / balance.pow(2).mean(-1, keepdim=True).sqrt()
+            attn.key_center, attn.key_balance = center, balance    # fp32 (see Attention.forward)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:

@@ -24,7 +24,7 @@ def test_bytes_per_token_default_model():
     assert bf16 == 768
     assert kernels.bytes_per_token("fp32", 3, 64) == 1536
     assert kernels.bytes_per_token("int8", 3, 64) == 2 * 3 * (64 + 2)
-    assert kernels.bytes_per_token("int4", 3, 64) == 2 * 3 * (32 + 4)
+    assert kernels.bytes_per_token("int4", 3, 64) == 3 * (2 * 32 + 2 * 4 + 4)   # keys: 2 groups of 32 channels
     assert kernels.bytes_per_token("int8", 3, 64) / bf16 <= 0.53
     assert kernels.bytes_per_token("int4", 3, 64) / bf16 <= 0.30
     with pytest.raises(ValueError, match="kv_dtype"):
@@ -39,7 +39,8 @@ def test_allocation_matches_bytes_per_token(kv_dtype):
     assert cache.block_size == 16 and cache.kv_dtype == kv_dtype
     if kv_dtype == "int4":
         assert cache.k.shape == (3, 16, 3, 32) and cache.k.dtype == torch.uint8
-        assert cache.k_scale.shape == (3, 16, 3, 2) and cache.k_scale.dtype == torch.float16
+        assert cache.k_scale.shape == (3, 16, 3, 4) and cache.k_scale.dtype == torch.float16
+        assert cache.v_scale.shape == (3, 16, 3, 2)
 
 
 def test_bad_arguments():
@@ -88,15 +89,18 @@ def test_int8_round_trip_within_half_a_step(x):
 
 
 @SETTINGS
-@given(head_vectors())
-def test_int4_round_trip_within_half_a_step(x):
-    """Per element in the rotated basis: |x - deq| <= scale / 2 (the error a rounding quantizer can promise)."""
-    packed, params = reference.quantize_int4(x)
-    assert packed.dtype == torch.uint8 and packed.shape == x.shape[:-1] + (x.shape[-1] // 2,)
-    assert params.dtype == torch.float16 and params.shape == x.shape[:-1] + (2,)
+@given(head_vectors(), st.sampled_from([1, 2, 4]))
+def test_int4_round_trip_within_half_a_step(x, groups):
+    """Per element in the rotated basis: |x - deq| <= its group's scale / 2 (what a rounding quantizer can
+    promise), for one (scale, offset) pair per vector (values) and per group of channels (keys)."""
+    d = x.shape[-1]
+    packed, params = reference.quantize_int4(x, groups=groups)
+    assert packed.dtype == torch.uint8 and packed.shape == x.shape[:-1] + (d // 2,)
+    assert params.dtype == torch.float16 and params.shape == x.shape[:-1] + (2 * groups,)
     xr = reference.rotate(x)
     deq = reference.dequantize_int4(packed, params)
-    scale = params[..., :1].float()
+    scale = params[..., 0::2].float().repeat_interleave(d // groups, dim=-1)   # each channel's group scale
+    assert scale.shape == x.shape
     assert torch.isfinite(deq).all()
     err = (xr - deq).abs()
     assert (err <= scale / 2 * (1 + 1e-5) + 1e-6 * xr.abs()).all()
@@ -228,10 +232,11 @@ def test_attention_quantization_error_within_analytical_bound(kv_dtype):
     out = kernels.paged_attention(query=query, cache=cache, **meta)[0, 0].double()
     p = torch.softmax((k[:, 0] @ query[0, 0]).double() * meta["sm_scale"], 0)
     exact = p @ v[:, 0].double()
-    s_k = cache.k_scale.flatten(0, 1)[:seq_len, 0, 0].double()
+    s_k = cache.k_scale.flatten(0, 1)[:seq_len, 0, 0::2].double()   # (n, groups): int4 keys have 2 groups
     s_v = cache.v_scale.flatten(0, 1)[:seq_len, 0, 0].double()
     q_stored = reference.rotate(query[0, 0]) if kv_dtype == "int4" else query[0, 0]
-    eps = (meta["sm_scale"] * q_stored.abs().sum() * s_k / 2).max()
+    q_abs_per_group = q_stored.abs().double().view(s_k.shape[1], -1).sum(-1)   # (groups,)
+    eps = (meta["sm_scale"] * s_k / 2 @ q_abs_per_group).max()
     dv = s_v.max() / 2 * (math.sqrt(d) if kv_dtype == "int4" else 1)
     bound = (math.exp(2 * eps) - 1) * v[:, 0].abs().max(0).values.double() + dv
     err = (out - exact).abs()
@@ -243,7 +248,7 @@ def test_kernel_benchmark_byte_table(capsys):
     from alise.bench import kernels as bench
     bench.main(["--skip-accuracy", "--budget-gib", "1", "--batch", "2", "--contexts", "256"])
     out = capsys.readouterr().out
-    assert "0.516x" in out and "0.281x" in out and "1.000x" in out
+    assert "0.516x" in out and "0.297x" in out and "1.000x" in out   # (64 + 2) / 128, (2 * 32 + 3 * 4) / 256
     assert ("needs CUDA" in out) != torch.cuda.is_available()
 
 

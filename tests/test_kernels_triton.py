@@ -198,10 +198,11 @@ def test_large_pool_needs_64_bit_offsets(kv_dtype):
             shape = (num_blocks, block_size, heads, bytes_per_block // block_size)
             k = _sparse_tensor(num_blocks * bytes_per_block, dtype, folder, "k").view(shape)
             v = _sparse_tensor(num_blocks * bytes_per_block, dtype, folder, "v").view(shape)
-            entries = kernels.SCALE_ENTRIES[kv_dtype]
-            s_shape = (num_blocks, block_size, heads, entries)
-            ks = _sparse_tensor(num_blocks * block_size * heads * entries * 2, torch.float16, folder, "ks").view(s_shape)
-            vs = _sparse_tensor(num_blocks * block_size * heads * entries * 2, torch.float16, folder, "vs").view(s_shape)
+            k_entries, v_entries = kernels.scale_entries(kv_dtype, head_dim)
+            ks = _sparse_tensor(num_blocks * block_size * heads * k_entries * 2, torch.float16, folder, "ks").view(
+                num_blocks, block_size, heads, k_entries)
+            vs = _sparse_tensor(num_blocks * block_size * heads * v_entries * 2, torch.float16, folder, "vs").view(
+                num_blocks, block_size, heads, v_entries)
             cache = kernels.LayerKVCache(k, v, ks, vs, kv_dtype)
         else:
             cache = kernels.allocate_layer_cache(num_blocks=num_blocks, block_size=block_size, num_kv_heads=heads,
@@ -263,19 +264,19 @@ for mode, page in ((0, "*bf16"), (1, "*i8"), (2, "*u8")):
     scale = "*bf16" if mode == 0 else "*fp16"
     build(quant._write_kv_kernel, {"stride": "i64", "key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": page, "scale_ptr": scale,
                                    "slot_ptr": "*i64"},
-          dict(BLOCK_SIZE=16, HEAD_DIM=64, KV_MODE=mode, LOG2_D=6))
+          dict(BLOCK_SIZE=16, HEAD_DIM=64, KV_MODE=mode, LOG2_D=6, K_GROUPS=2 if mode == 2 else 1))
     for split in ((0, 256) if mode == 2 else (0,)):
         build(attention._paged_attention_kernel,
               {"stride": "i64", "part_": "*fp32", "query_ptr": "*bf16", "out_ptr": "*bf16", "k_ptr": page, "v_ptr": page,
                "scale_ptr": scale, "tables_ptr": "*i32", "lens_ptr": "*i32", "loc_ptr": "*i32", "sm_scale": "fp32",
                "num_seqs": "i32"},
-              dict(GROUP=3, HEAD_DIM=64, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, KV_MODE=mode, LOG2_D=6, HALF=32, SPLIT=split,
+              dict(GROUP=3, HEAD_DIM=64, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, KV_MODE=mode, LOG2_D=6, HALF=32, K_GROUPS=2 if mode == 2 else 1, SPLIT=split,
                    PV_DTYPE=tl.float16 if mode else tl.bfloat16, PRECISION="tf32", INTERPRET=False))
 build(attention._paged_attention_kernel,                  # head_dim 16: int4 nibble dots padded to 16
       {"stride": "i64", "part_": "*fp32", "query_ptr": "*fp32", "out_ptr": "*fp32", "k_ptr": "*u8", "v_ptr": "*u8",
        "scale_ptr": "*fp16", "tables_ptr": "*i32", "lens_ptr": "*i32", "loc_ptr": "*i32", "sm_scale": "fp32",
        "num_seqs": "i32"},
-      dict(GROUP=2, HEAD_DIM=16, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, KV_MODE=2, LOG2_D=4, HALF=16, SPLIT=0,
+      dict(GROUP=2, HEAD_DIM=16, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, KV_MODE=2, LOG2_D=4, HALF=16, K_GROUPS=1, SPLIT=0,
            PV_DTYPE=tl.float32, PRECISION="ieee", INTERPRET=False))
 build(attention._merge_kernel, {"stride": "i64", "part_": "*fp32", "out_ptr": "*bf16", "lens_ptr": "*i32"},
       dict(SPLIT=256, HEAD_DIM=64, MERGE_TILE=16))

@@ -5,9 +5,10 @@ The contract between the runner and the kernels (DESIGN.md, "KV cache layout"):
 * Per layer, K and V each ``[num_blocks, block_size, num_kv_heads, head_dim]`` (bf16 / fp32 / int8);
   int4 packs two values per byte, ``[num_blocks, block_size, num_kv_heads, head_dim // 2]`` uint8
   (low nibble = even channel, high nibble = odd channel).
-* Scales beside them, fp16 ``[num_blocks, block_size, num_kv_heads, SCALE_ENTRIES[kv_dtype]]``: one scale per
-  (token, kv head) for int8; a (scale, offset) pair per (token, kv head) for int4, whose pages hold
-  Hadamard-rotated K/V (see ``reference.py`` for the formats and ``quant.py`` for why).
+* Scales beside them, fp16 ``[num_blocks, block_size, num_kv_heads, entries]`` with ``entries`` from
+  ``scale_entries``: one scale per (token, kv head) for int8; for int4, whose pages hold Hadamard-rotated K/V, a
+  (scale, offset) pair per group of channels: ``head_dim // 32`` groups for keys, one for values (see
+  ``reference.py`` for the formats and ``quant.py`` for why). K's and V's scale tensors can differ in shape.
 * A slot is ``block * block_size + offset``; slot -1 means "do not write".
 * A batch is a flat list of query tokens ``[num_tokens, num_heads, head_dim]``; sequence ``b`` owns the
   query rows ``query_start_loc[b]:query_start_loc[b+1]``, which are the *last* tokens of its
@@ -32,7 +33,6 @@ from alise.kernels import reference
 KV_DTYPES = ("bf16", "fp32", "int8", "int4")
 BACKENDS = ("torch", "triton")
 SCALE_DTYPE = reference.SCALE_DTYPE
-SCALE_ENTRIES = {"int8": 1, "int4": 2}   # fp16 entries per (token, kv head): scale / (scale, offset)
 
 
 @dataclass
@@ -55,12 +55,22 @@ def _check_kv_dtype(kv_dtype: str) -> None:
         raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
 
 
+def scale_entries(kv_dtype: str, head_dim: int) -> tuple[int, int]:
+    """fp16 scale entries per (token, kv head) of K and of V: int8 one scale; int4 a (scale, offset) pair per
+    group of channels (``reference.int4_key_groups`` for keys, one group for values); 0 for float pages."""
+    _check_kv_dtype(kv_dtype)
+    if kv_dtype == "int8":
+        return 1, 1
+    if kv_dtype == "int4":
+        return 2 * reference.int4_key_groups(head_dim), 2
+    return 0, 0
+
+
 def bytes_per_token(kv_dtype: str, num_kv_heads: int, head_dim: int) -> int:
     """Bytes of K+V (scales included) one token takes in one layer."""
-    _check_kv_dtype(kv_dtype)
-    scale_bytes = SCALE_ENTRIES.get(kv_dtype, 0) * SCALE_DTYPE.itemsize
-    data_bytes = {"fp32": 4 * head_dim, "bf16": 2 * head_dim, "int8": head_dim, "int4": head_dim // 2}[kv_dtype]
-    return 2 * num_kv_heads * (data_bytes + scale_bytes)
+    data_bytes = {"fp32": 4 * head_dim, "bf16": 2 * head_dim, "int8": head_dim, "int4": head_dim // 2}.get(kv_dtype)
+    scale_bytes = sum(scale_entries(kv_dtype, head_dim)) * SCALE_DTYPE.itemsize
+    return num_kv_heads * (2 * data_bytes + scale_bytes)
 
 
 def allocate_layer_cache(*, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -75,11 +85,11 @@ def allocate_layer_cache(*, num_blocks: int, block_size: int, num_kv_heads: int,
     if kv_dtype == "int4" and (head_dim & (head_dim - 1) or head_dim < 2):
         raise ValueError(f"int4 KV needs a power-of-two head_dim (Hadamard rotation), got {head_dim}")
     data_shape, data_dtype = (shape, torch.int8) if kv_dtype == "int8" else (shape[:-1] + (head_dim // 2,), torch.uint8)
-    scale_shape = shape[:-1] + (SCALE_ENTRIES[kv_dtype],)
+    k_entries, v_entries = scale_entries(kv_dtype, head_dim)
     return LayerKVCache(torch.zeros(data_shape, dtype=data_dtype, device=device),
                         torch.zeros(data_shape, dtype=data_dtype, device=device),
-                        torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=device),
-                        torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=device), kv_dtype)
+                        torch.zeros(shape[:-1] + (k_entries,), dtype=SCALE_DTYPE, device=device),
+                        torch.zeros(shape[:-1] + (v_entries,), dtype=SCALE_DTYPE, device=device), kv_dtype)
 
 
 def enable_triton_interpreter() -> None:

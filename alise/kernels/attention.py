@@ -24,7 +24,9 @@ Tiling (one kernel for the whole mixed batch, after vLLM's unified kernel):
   int4 uses a split dot over nibbles: the query is rotated by the Hadamard matrix (pages hold rotated K/V; the
   +-1 matrix is built in registers) and split into its even and odd channels. With centred codes
   ``c = u - 8`` a stored value is ``c * scale + const`` (``const = offset + 8 * scale``), so
-  ``S = (Q_even @ C_lo^T + Q_odd @ C_hi^T) * k_scale[n] + sum(Q_rot) * k_const[n]`` per column ``n``; V
+  ``S = (Q_even @ C_lo^T + Q_odd @ C_hi^T) * k_scale[n] + sum(Q_rot) * k_const[n]`` per column ``n``. Keys
+  carry one (scale, const) per group of 32 rotated channels: the sum runs over the groups, each with the
+  query's channels of the other groups zeroed (two dots more per group; the K tile is loaded once); V
   accumulates ``P' @ C_lo`` and ``P' @ C_hi`` (``P' = P * v_scale``) plus a per-row ``sum(P * v_const)``. The
   epilogue rotates the output back with two more dots by H's even / odd rows, so even/odd channels never need
   interleaving. Split-dot was chosen over unpacking into a ``[BLOCK_N, D]`` tile (join + reshape) because it
@@ -102,14 +104,17 @@ def _find_sequence(q_block, query_start_loc_ptr, num_seqs, BLOCK_Q: tl.constexpr
 
 @triton.jit
 def _locate_keys(offs_n, kv_end, table_ptr, kv_head, stride_page_block, stride_page_slot, stride_page_head,
-                 stride_scale_block, stride_scale_slot, stride_scale_head, BLOCK_SIZE: tl.constexpr):
-    """int64 page and scale offsets of keys ``offs_n`` (masked past ``kv_end``) through the block table."""
+                 stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+                 stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head, BLOCK_SIZE: tl.constexpr):
+    """int64 offsets of keys ``offs_n`` (masked past ``kv_end``) through the block table: into the pages, the K
+    scales and the V scales (whose entries per key can differ: int4 keys carry a pair per channel group)."""
     key_ok = offs_n < kv_end
     block = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
     slot = offs_n % BLOCK_SIZE
     page_off = block * stride_page_block + slot * stride_page_slot + kv_head * stride_page_head
-    scale_off = block * stride_scale_block + slot * stride_scale_slot + kv_head * stride_scale_head
-    return page_off, scale_off, key_ok
+    k_scale_off = block * stride_k_scale_block + slot * stride_k_scale_slot + kv_head * stride_k_scale_head
+    v_scale_off = block * stride_v_scale_block + slot * stride_v_scale_slot + kv_head * stride_v_scale_head
+    return page_off, k_scale_off, v_scale_off, key_ok
 
 
 @triton.jit
@@ -125,7 +130,8 @@ def _softmax_step(s, visible, m_i, l_i):
 @triton.jit
 def _attend(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
             stride_page_block, stride_page_slot, stride_page_head,
-            stride_scale_block, stride_scale_slot, stride_scale_head,
+            stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+            stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             KV_MODE: tl.constexpr, PV_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """bf16 / fp32 / int8 pages: the (normalized output, running max, running sum) of keys [kv_start, kv_end)."""
@@ -135,17 +141,18 @@ def _attend(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(kv_start, kv_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        page_off, scale_off, key_ok = _locate_keys(
+        page_off, k_scale_off, v_scale_off, key_ok = _locate_keys(
             offs_n, kv_end, table_ptr, kv_head, stride_page_block, stride_page_slot, stride_page_head,
-            stride_scale_block, stride_scale_slot, stride_scale_head, BLOCK_SIZE)
+            stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+            stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head, BLOCK_SIZE)
         k = tl.load(k_ptr + page_off[:, None] + offs_d[None, :], mask=key_ok[:, None], other=0)
         s = _dot(q, tl.trans(_as(k, q.dtype)), PRECISION, INTERPRET)                  # (M, N)
         if KV_MODE == MODE_INT8:                                                        # scale S's columns
-            s = s * tl.load(k_scale_ptr + scale_off, mask=key_ok, other=0).to(tl.float32)[None, :]
+            s = s * tl.load(k_scale_ptr + k_scale_off, mask=key_ok, other=0).to(tl.float32)[None, :]
         visible = key_ok[None, :] & (offs_n[None, :] <= row_pos[:, None])
         p, alpha, m_i, l_i = _softmax_step(s * qk_scale, visible, m_i, l_i)
         if KV_MODE == MODE_INT8:                                                        # scale P's columns
-            p = p * tl.load(v_scale_ptr + scale_off, mask=key_ok, other=0).to(tl.float32)[None, :]
+            p = p * tl.load(v_scale_ptr + v_scale_off, mask=key_ok, other=0).to(tl.float32)[None, :]
         v = tl.load(v_ptr + page_off[:, None] + offs_d[None, :], mask=key_ok[:, None], other=0)
         acc = acc * alpha[:, None] + _dot(p.to(PV_DTYPE), _as(v, PV_DTYPE), PRECISION, INTERPRET)
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None], m_i, l_i
@@ -154,9 +161,10 @@ def _attend(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v
 @triton.jit
 def _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
                  stride_page_block, stride_page_slot, stride_page_head,
-                 stride_scale_block, stride_scale_slot, stride_scale_head,
+                 stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+                 stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 LOG2_D: tl.constexpr, HALF: tl.constexpr, PV_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 LOG2_D: tl.constexpr, HALF: tl.constexpr, K_GROUPS: tl.constexpr, PV_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  INTERPRET: tl.constexpr):
     """int4 pages (rotated, asymmetric): same contract as ``_attend``, by split dots over the nibbles.
 
@@ -181,20 +189,30 @@ def _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_p
     acc_const = tl.zeros([BLOCK_M], tl.float32)           # sum_n P[:, n] * v_const[n], the same for every channel
     for start in range(kv_start, kv_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        page_off, scale_off, key_ok = _locate_keys(
+        page_off, k_scale_off, v_scale_off, key_ok = _locate_keys(
             offs_n, kv_end, table_ptr, kv_head, stride_page_block, stride_page_slot, stride_page_head,
-            stride_scale_block, stride_scale_slot, stride_scale_head, BLOCK_SIZE)
+            stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+            stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head, BLOCK_SIZE)
         byte_ok = key_ok[:, None] & half_ok[None, :]
         k_even, k_odd = _nibbles(tl.load(k_ptr + page_off[:, None] + half[None, :], mask=byte_ok, other=0))
-        s = (_dot(q_even, tl.trans(_as(k_even, q.dtype)), PRECISION, INTERPRET)
-             + _dot(q_odd, tl.trans(_as(k_odd, q.dtype)), PRECISION, INTERPRET))    # (M, N)
-        k_scale = tl.load(k_scale_ptr + scale_off, mask=key_ok, other=0).to(tl.float32)
-        k_const = tl.load(k_scale_ptr + scale_off + 1, mask=key_ok, other=0).to(tl.float32) + INT4_CENTER * k_scale
-        s = s * k_scale[None, :] + q_sum[:, None] * k_const[None, :]
+        k_even, k_odd = tl.trans(_as(k_even, q.dtype)), tl.trans(_as(k_odd, q.dtype))     # (HALF, N)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for g in tl.static_range(K_GROUPS):     # each channel group of the keys has its own (scale, offset)
+            if K_GROUPS == 1:
+                q_even_g, q_odd_g, q_sum_g = q_even, q_odd, q_sum
+            else:                               # the query's channels of group g, the others zeroed
+                in_group = (half // (HEAD_DIM // 2 // K_GROUPS) == g)[None, :]
+                q_even_g, q_odd_g = tl.where(in_group, q_even, 0.0), tl.where(in_group, q_odd, 0.0)
+                q_sum_g = tl.sum(q_even_g.to(tl.float32), 1) + tl.sum(q_odd_g.to(tl.float32), 1)
+            k_scale = tl.load(k_scale_ptr + k_scale_off + 2 * g, mask=key_ok, other=0).to(tl.float32)
+            k_const = (tl.load(k_scale_ptr + k_scale_off + 2 * g + 1, mask=key_ok, other=0).to(tl.float32)
+                       + INT4_CENTER * k_scale)
+            s += ((_dot(q_even_g, k_even, PRECISION, INTERPRET) + _dot(q_odd_g, k_odd, PRECISION, INTERPRET))
+                  * k_scale[None, :] + q_sum_g[:, None] * k_const[None, :])           # (M, N)
         visible = key_ok[None, :] & (offs_n[None, :] <= row_pos[:, None])
         p, alpha, m_i, l_i = _softmax_step(s * qk_scale, visible, m_i, l_i)
-        v_scale = tl.load(v_scale_ptr + scale_off, mask=key_ok, other=0).to(tl.float32)
-        v_const = tl.load(v_scale_ptr + scale_off + 1, mask=key_ok, other=0).to(tl.float32) + INT4_CENTER * v_scale
+        v_scale = tl.load(v_scale_ptr + v_scale_off, mask=key_ok, other=0).to(tl.float32)
+        v_const = tl.load(v_scale_ptr + v_scale_off + 1, mask=key_ok, other=0).to(tl.float32) + INT4_CENTER * v_scale
         p_scaled = (p * v_scale[None, :]).to(PV_DTYPE)
         v_even, v_odd = _nibbles(tl.load(v_ptr + page_off[:, None] + half[None, :], mask=byte_ok, other=0))
         acc_even = acc_even * alpha[:, None] + _dot(p_scaled, _as(v_even, PV_DTYPE), PRECISION, INTERPRET)
@@ -215,10 +233,12 @@ def _paged_attention_kernel(
         query_start_loc_ptr, part_out_ptr, part_lse_ptr, sm_scale, num_seqs,
         stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
         stride_page_block, stride_page_slot, stride_page_head,
-        stride_scale_block, stride_scale_slot, stride_scale_head, stride_table,
+        stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+        stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head, stride_table,
         stride_part_tok, stride_part_head, stride_part_split, stride_lse_tok, stride_lse_head,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr, LOG2_D: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, KV_MODE: tl.constexpr, LOG2_D: tl.constexpr, HALF: tl.constexpr,
+        K_GROUPS: tl.constexpr, SPLIT: tl.constexpr,
         PV_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     kv_head = tl.program_id(1)
@@ -261,12 +281,15 @@ def _paged_attention_kernel(
     if KV_MODE == MODE_INT4:
         out, m_i, l_i = _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v_ptr,
                                      k_scale_ptr, v_scale_ptr, stride_page_block, stride_page_slot,
-                                     stride_page_head, stride_scale_block, stride_scale_slot, stride_scale_head,
-                                     BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, LOG2_D, HALF, PV_DTYPE, PRECISION, INTERPRET)
+                                     stride_page_head, stride_k_scale_block, stride_k_scale_slot,
+                                     stride_k_scale_head, stride_v_scale_block, stride_v_scale_slot,
+                                     stride_v_scale_head, BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, LOG2_D, HALF,
+                                     K_GROUPS, PV_DTYPE, PRECISION, INTERPRET)
     else:
         out, m_i, l_i = _attend(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_ptr, v_ptr,
                                 k_scale_ptr, v_scale_ptr, stride_page_block, stride_page_slot, stride_page_head,
-                                stride_scale_block, stride_scale_slot, stride_scale_head,
+                                stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
+                                stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head,
                                 BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, KV_MODE, PV_DTYPE, PRECISION, INTERPRET)
 
     if SPLIT > 0:                                   # partial result and its log2-sum-exp
@@ -358,11 +381,13 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         part_out, part_lse, sm_scale, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), block_tables.stride(0),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if use_split else 0,
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=cache.k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_MODE=kv_mode, LOG2_D=int(math.log2(head_dim)), HALF=max(MIN_DOT, head_dim // 2), SPLIT=SPLIT_SIZE if use_split else 0,
+        KV_MODE=kv_mode, LOG2_D=int(math.log2(head_dim)), HALF=max(MIN_DOT, head_dim // 2),
+        K_GROUPS=k_scale.shape[-1] // 2 if cache.kv_dtype == "int4" else 1, SPLIT=SPLIT_SIZE if use_split else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         PV_DTYPE=pv_dtype, INTERPRET=query.device.type == "cpu", num_warps=num_warps)
     if use_split:

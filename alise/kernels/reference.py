@@ -6,12 +6,15 @@ Quantization formats (the Triton kernels in ``quant.py`` / ``attention.py`` impl
   ``x ~= q * scale``.
 * **int4**: the head vector is first rotated by the orthonormal Hadamard matrix ``H / sqrt(D)`` (Sylvester order;
   ``H`` is symmetric with entries +-1), then quantized asymmetrically, one fp16 (scale, offset) pair per (token,
-  kv head): ``offset <= min``, ``scale = (max - offset) / 15``, ``u = round((x - offset) / scale)`` in 0..15,
-  ``x ~= u * scale + offset``. Two codes per byte: low nibble = even channel, high nibble = odd channel.
+  kv head and group of channels): ``offset <= min``, ``scale = (max - offset) / 15``, ``u = round((x - offset) /
+  scale)`` in 0..15, ``x ~= u * scale + offset``. Keys use groups of ``INT4_KEY_GROUP`` rotated channels (two
+  pairs for head_dim 64), values one group per head vector; the pairs are stored in group order, ``(scale_0,
+  offset_0, scale_1, offset_1, ...)``. Two codes per byte: low nibble = even channel, high nibble = odd channel.
   The cache therefore holds *rotated* K and V. Attention is invariant when the query is rotated the same way
   (``(qR) . (kR) = q . k`` for orthonormal ``R``), and the output comes back with one more multiply by ``R``
   (``R`` is its own inverse). See ``quant.py`` for the measurements behind this choice. (The engine also
-  stores int4 keys minus a per-layer mean key, ``ModelRunner.center_keys``: exact for attention, smaller error.)
+  stores int4 keys minus a per-layer mean key and balances key and query channels, ``ModelRunner.calibrate_keys``:
+  exact for attention, smaller error.)
 
 Rounding is ``floor(y + 0.5)`` (to nearest) everywhere, never truncation, and the same in the kernels, so the
 Triton writer reproduces these codes. Scales are floored at fp16's smallest normal number (``SCALE_MIN``), so an
@@ -32,6 +35,7 @@ SCALE_MIN = 2.0 ** -14          # fp16's smallest normal: a floor that keeps x /
 SCALE_MAX = 65504.0             # fp16's largest finite value
 INT8_MAX = 127                  # symmetric int8 codes in [-127, 127]
 INT4_MAX = 15                   # unsigned int4 codes in [0, 15]
+INT4_KEY_GROUP = 32             # rotated key channels per int4 (scale, offset) pair; values use one pair per head
 OFFSET_MARGIN = 2.0 ** -10      # the int4 offset is lowered by this relative margin before rounding to fp16,
                                 # so the stored offset is <= the row minimum and every code stays >= 0
 
@@ -91,30 +95,38 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
 
 
-def quantize_int4(x: torch.Tensor, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> packed uint8 ``[..., D // 2]`` and fp16 ``[..., 2]`` = (scale, offset).
+def int4_key_groups(head_dim: int) -> int:
+    """How many (scale, offset) pairs an int4 key of ``head_dim`` channels carries."""
+    return max(1, head_dim // INT4_KEY_GROUP)
 
-    ``x`` is rotated first unless ``rotated`` says it already is.
+
+def quantize_int4(x: torch.Tensor, *, groups: int = 1, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> packed uint8 ``[..., D // 2]`` and fp16 ``[..., 2 * groups]`` = (scale, offset) per
+    group of ``D // groups`` consecutive channels. ``x`` is rotated first unless ``rotated`` says it already is.
     """
     x = x.float() if rotated else rotate(x)
+    x = x.unflatten(-1, (groups, -1))                            # (..., G, D / G)
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     offset = (lo - lo.abs() * OFFSET_MARGIN).clamp(-SCALE_MAX, SCALE_MAX).to(SCALE_DTYPE).float()
     scale = ((hi - offset) / INT4_MAX).clamp(SCALE_MIN, SCALE_MAX).to(SCALE_DTYPE).float()
     u = round_half_up((x - offset) / scale).clamp(0, INT4_MAX)
-    return pack_int4(u), torch.cat([scale, offset], -1).to(SCALE_DTYPE)
+    return pack_int4(u.flatten(-2)), torch.cat([scale, offset], -1).flatten(-2).to(SCALE_DTYPE)
 
 
 def dequantize_int4(p: torch.Tensor, params: torch.Tensor, *, unrotate: bool = False) -> torch.Tensor:
-    """Packed int4 + (scale, offset) -> fp32 values, still in the rotated basis unless ``unrotate``."""
+    """Packed int4 + (scale, offset) pairs -> fp32 values, still in the rotated basis unless ``unrotate``."""
+    groups = params.shape[-1] // 2
     x = torch.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=torch.float32, device=p.device)
     x[..., 0::2] = p & 0xF                                       # written in place: fewer big temporaries,
     x[..., 1::2] = p >> 4                                        # which matters on the CPU backend
-    x.mul_(params[..., :1]).add_(params[..., 1:])
+    grouped = x.unflatten(-1, (groups, -1))                      # (..., G, D / G), a view of x
+    pairs = params.unflatten(-1, (groups, 2))
+    grouped.mul_(pairs[..., :1]).add_(pairs[..., 1:])
     return rotate(x) if unrotate else x
 
 
-def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x [..., D]`` -> (stored data, scales or None) for any kv dtype."""
+def quantize(x: torch.Tensor, kv_dtype: str, *, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [..., D]`` -> (stored data, scales or None) for any kv dtype (``groups``: int4's pairs per vector)."""
     if kv_dtype == "bf16":
         return x.to(torch.bfloat16), None
     if kv_dtype == "fp32":
@@ -122,7 +134,7 @@ def quantize(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor
     if kv_dtype == "int8":
         return quantize_int8(x)
     if kv_dtype == "int4":
-        return quantize_int4(x)
+        return quantize_int4(x, groups=groups)
     raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
 
 
@@ -160,7 +172,8 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
     keep, slots = _per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
-        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype)
+        groups = scale.shape[-1] // 2 if cache.kv_dtype == "int4" else 1   # int4 keys: see int4_key_groups
+        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype, groups=groups)
         data.view(num_slots, *data.shape[2:])[slots] = q
         if scale is not None:
             scale.view(num_slots, *scale.shape[2:])[slots] = s
