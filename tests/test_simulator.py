@@ -225,6 +225,9 @@ def test_summary_counts_overloaded_runs_as_over_the_bound():
     assert max_rate["fcfs"]["0.02"] == pytest.approx(1.5)          # 0.02 halfway between 0.01 and 0.04 in log
     assert notes["alise"]["0.02"] == "" and 2.0 < max_rate["alise"]["0.02"] < 2.2
     assert ratio["alise"]["0.02"] == pytest.approx(max_rate["alise"]["0.02"] / 1.5)
+    # the paper's finite-trace method (no backlog check, --max-backlog 1.01): the overloaded run counts
+    loose, _, _, _ = summarize(rows, [0.02], ["fcfs", "alise"], max_backlog=1.01)
+    assert loose["alise"]["0.02"] > 3.9 and loose["fcfs"]["0.02"] == pytest.approx(1.5)
 
 
 def test_fitted_profile_fits_the_typical_step_and_keeps_the_stalls_time():
