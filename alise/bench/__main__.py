@@ -83,7 +83,8 @@ def summarize(results: list[dict], bounds: list[float], policies: list[str],
         rows = [r for r in results if r["policy"] == p]
         max_rate[p], notes[p] = {}, {}
         for b in bounds:
-            vals = [r["normalized_latency"] if sustained(r, max_backlog) else max(r["normalized_latency"], 1e3 * b) for r in rows]
+            vals = [r["normalized_latency"] if sustained(r, max_backlog) else max(r["normalized_latency"], 1e3 * b)
+                    for r in rows]
             rate, note = S.max_rate_under([r["rate"] for r in rows], vals, b)
             max_rate[p][_bkey(b)], notes[p][_bkey(b)] = rate, note
     ratio = {p: {k: _ratio(max_rate[p][k], max_rate.get("fcfs", {}).get(k)) for k in max_rate[p]} for p in policies}

@@ -164,8 +164,8 @@ def _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_p
                  stride_k_scale_block, stride_k_scale_slot, stride_k_scale_head,
                  stride_v_scale_block, stride_v_scale_slot, stride_v_scale_head,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 LOG2_D: tl.constexpr, HALF: tl.constexpr, K_GROUPS: tl.constexpr, PV_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 LOG2_D: tl.constexpr, HALF: tl.constexpr, K_GROUPS: tl.constexpr, PV_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """int4 pages (rotated, asymmetric): same contract as ``_attend``, by split dots over the nibbles.
 
     With centred codes ``c = u - 8``, a stored value is ``c * scale + (offset + 8 * scale)``: the dots see
