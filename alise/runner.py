@@ -83,9 +83,6 @@ class ModelRunner:
         attns = [layer.self_attn for layer in model.layers]
         for attn in attns:
             attn.key_center = attn.key_balance = None
-        inputs = {}   # attention module -> its (normed x, cos, sin) of the calibration pass
-        hooks = [attn.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[:3]))
-                 for attn in attns]
         caches = [kernels.allocate_layer_cache(num_blocks=1, block_size=num_tokens, num_kv_heads=self.num_kv_heads,
                                                head_dim=self.head_dim, kv_dtype="fp32", device=self.device)
                   for _ in model.layers]
@@ -94,6 +91,9 @@ class ModelRunner:
             block_tables=self._tensor([[0]], torch.int32), seq_lens=self._tensor([num_tokens], torch.int32),
             query_start_loc=self._tensor([0, num_tokens], torch.int32),
             max_query_len=num_tokens, max_seq_len=num_tokens, backend="torch")
+        inputs = {}   # attention module -> its (normed x, cos, sin) of the calibration pass
+        hooks = [attn.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[:3]))
+                 for attn in attns]
         try:
             model(self._tensor(token_ids, torch.int64), torch.arange(num_tokens, device=self.device), caches, meta)
         finally:
@@ -172,9 +172,11 @@ class ModelRunner:
         compress = self.swap_kv_dtype != self.kv_dtype
         saved = []
         for c in self.caches:
-            if compress:   # (n, bs, Hkv, D) -> quantized data + scales
-                saved.append(tuple(t.to("cpu") for page in (c.k[index], c.v[index])
-                                   for t in kernels.reference.quantize(page.float(), self.swap_kv_dtype)))
+            if compress:   # (n, bs, Hkv, D) -> quantized data + scales, in the pool formats (int4 key groups)
+                key_groups = kernels.reference.int4_key_groups(self.head_dim) if self.swap_kv_dtype == "int4" else 1
+                saved.append(tuple(t.to("cpu") for page, groups in ((c.k[index], key_groups), (c.v[index], 1))
+                                   for t in kernels.reference.quantize(page.float(), self.swap_kv_dtype,
+                                                                      groups=groups)))
             else:
                 saved.append(tuple(t[index].to("cpu") for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None))
         return saved

@@ -198,7 +198,11 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     cache = runner.caches[0]
     cache.k[:2] = torch.randn_like(cache.k[:2])
     before = cache.k[:2].clone()
-    runner._copy_in(runner._copy_out([0, 1]), [0, 1])
+    host = runner._copy_out([0, 1])
+    # the swap space is charged what the host copy really holds (2 blocks of 4 tokens)
+    held = sum(t.numel() * t.element_size() for layer in host for t in layer)
+    assert held == 2 * 4 * runner.swap_bytes_per_token
+    runner._copy_in(host, [0, 1])
     err = (cache.k[:2] - before).abs()
     if swap_kv_dtype == "bf16":
         assert torch.equal(cache.k[:2], before)

@@ -68,7 +68,8 @@ def scale_entries(kv_dtype: str, head_dim: int) -> tuple[int, int]:
 
 def bytes_per_token(kv_dtype: str, num_kv_heads: int, head_dim: int) -> int:
     """Bytes of K+V (scales included) one token takes in one layer."""
-    data_bytes = {"fp32": 4 * head_dim, "bf16": 2 * head_dim, "int8": head_dim, "int4": head_dim // 2}.get(kv_dtype)
+    _check_kv_dtype(kv_dtype)
+    data_bytes = {"fp32": 4 * head_dim, "bf16": 2 * head_dim, "int8": head_dim, "int4": head_dim // 2}[kv_dtype]
     scale_bytes = sum(scale_entries(kv_dtype, head_dim)) * SCALE_DTYPE.itemsize
     return num_kv_heads * (2 * data_bytes + scale_bytes)
 

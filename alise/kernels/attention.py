@@ -197,6 +197,7 @@ def _attend_int4(q, row_pos, kv_start, kv_end, qk_scale, table_ptr, kv_head, k_p
         k_even, k_odd = _nibbles(tl.load(k_ptr + page_off[:, None] + half[None, :], mask=byte_ok, other=0))
         k_even, k_odd = tl.trans(_as(k_even, q.dtype)), tl.trans(_as(k_odd, q.dtype))     # (HALF, N)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        tl.static_assert(K_GROUPS == 1 or HALF == HEAD_DIM // 2)   # groups index the unpadded half
         for g in tl.static_range(K_GROUPS):     # each channel group of the keys has its own (scale, offset)
             if K_GROUPS == 1:
                 q_even_g, q_odd_g, q_sum_g = q_even, q_odd, q_sum

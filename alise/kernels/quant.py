@@ -46,7 +46,7 @@ keys (values: Hadamard + asymmetric, 1 pair per head)  ppl      vs fp32  bytes v
 1 pair per token-head, centred                         14.79    +4.1%    0.281
 1 pair per token-head, centred + balanced              14.63    +3.0%    0.281
 pair per 32 channels, centred                          14.69    +3.4%    0.297
-pair per 32 channels, centred + balanced  <- chosen     14.55    +2.4%    0.297
+pair per 32 channels, centred + balanced <- chosen     14.55    +2.4%    0.297
 same, values also in groups of 32                      14.51    +2.1%    0.312 (over)
 =====================================================  =======  =======  ==============
 
