@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from alise.kernels import reference
 from alise.kernels.quant import (INT4_CENTER, KV_MODES, MODE_INT4, MODE_INT8, NIBBLE_BITS, NIBBLE_MASK,
                                  check_head_dim, hadamard_tile)
 
@@ -388,7 +389,7 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=cache.k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         KV_MODE=kv_mode, LOG2_D=int(math.log2(head_dim)), HALF=max(MIN_DOT, head_dim // 2),
-        K_GROUPS=k_scale.shape[-1] // 2 if cache.kv_dtype == "int4" else 1, SPLIT=SPLIT_SIZE if use_split else 0,
+        K_GROUPS=reference.scale_groups(k_scale, cache.kv_dtype), SPLIT=SPLIT_SIZE if use_split else 0,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         PV_DTYPE=pv_dtype, INTERPRET=query.device.type == "cpu", num_warps=num_warps)
     if use_split:

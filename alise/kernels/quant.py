@@ -196,5 +196,5 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         BLOCK_SIZE=cache.k.shape[1], HEAD_DIM=head_dim, KV_MODE=KV_MODES[cache.kv_dtype],
-        LOG2_D=int(math.log2(head_dim)), K_GROUPS=k_scale.shape[-1] // 2 if cache.kv_dtype == "int4" else 1,
+        LOG2_D=int(math.log2(head_dim)), K_GROUPS=reference.scale_groups(k_scale, cache.kv_dtype),
         num_warps=8 if cache.kv_dtype == "int4" and head_dim >= 128 else 4)   # int4 holds a [D, D] rotation tile

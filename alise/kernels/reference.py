@@ -100,6 +100,11 @@ def int4_key_groups(head_dim: int) -> int:
     return max(1, head_dim // INT4_KEY_GROUP)
 
 
+def scale_groups(scale: torch.Tensor | None, kv_dtype: str) -> int:
+    """(scale, offset) pairs per vector held by an int4 scale tensor (keys: ``int4_key_groups``); 1 otherwise."""
+    return scale.shape[-1] // 2 if kv_dtype == "int4" else 1
+
+
 def quantize_int4(x: torch.Tensor, *, groups: int = 1, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` -> packed uint8 ``[..., D // 2]`` and fp16 ``[..., 2 * groups]`` = (scale, offset) per
     group of ``D // groups`` consecutive channels. ``x`` is rotated first unless ``rotated`` says it already is.
@@ -172,8 +177,8 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
     keep, slots = _per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
-        groups = scale.shape[-1] // 2 if cache.kv_dtype == "int4" else 1   # int4 keys: see int4_key_groups
-        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype, groups=groups)
+        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype,
+                        groups=scale_groups(scale, cache.kv_dtype))
         data.view(num_slots, *data.shape[2:])[slots] = q
         if scale is not None:
             scale.view(num_slots, *scale.shape[2:])[slots] = s
