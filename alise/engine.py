@@ -61,14 +61,20 @@ class LLMEngine:
         device = torch.device("cuda" if config.device == "cuda" or
                               (config.device == "auto" and torch.cuda.is_available()) else "cpu")
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
-        self.model = Llama.from_pretrained(folder, dtype=dtype).to(device).pack_for_cpu()
         backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        if config.compile and (device.type != "cpu" or backend != "torch"):
+            raise ValueError("compile=True compiles the CPU decode step (device 'cpu', backend 'torch'); "
+                             f"got device {device.type!r}, backend {backend!r}")
+        self.model = Llama.from_pretrained(folder, dtype=dtype).to(device)
+        if not config.compile:     # the compiled step packs its own copy of the weights (inductor's freezing)
+            self.model.pack_for_cpu()
         if backend == "triton" and device.type == "cpu":
             kernels.enable_triton_interpreter()
         kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else {"bfloat16": "bf16", "float32": "fp32"}[config.dtype]
         self.runner = ModelRunner(self.model, kv_dtype=kv_dtype, block_size=config.block_size,
                                   num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
-                                  backend=backend, device=device, swap_kv_dtype=config.swap_kv_dtype)
+                                  backend=backend, device=device, swap_kv_dtype=config.swap_kv_dtype,
+                                  compile=config.compile)
         if kv_dtype == "int4":
             num_tokens = min(KEY_CALIBRATION_TOKENS, self.model.config.max_position_embeddings)
             self.runner.calibrate_keys(self.tokenizer.encode(key_calibration_text())[:num_tokens])

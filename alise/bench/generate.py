@@ -4,6 +4,7 @@
     python -m alise.bench.generate --quick               # fewer runs, shorter outputs, smaller batches
     python -m alise.bench.generate --dtypes bfloat16 --sections batch --concurrency 1,8,32,64
     python -m alise.bench.generate --threads 1             # on a CPU shared with other jobs
+    python -m alise.bench.generate --compile               # decode steps compiled (LLM(compile=True))
 
 Sections (printed as tables; nothing is asserted):
 
@@ -25,6 +26,7 @@ average is printed with the results.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
@@ -87,7 +89,10 @@ def bench_single(llm: LLM, prompt_ids: list[int], decode_tokens: int, runs: int)
 
 
 class StepTimer:
-    """Wraps the scheduler, the runner and ``alise.kernels.paged_attention`` to time each engine step."""
+    """Wraps the scheduler, the runner and ``alise.kernels.paged_attention`` to time each engine step.
+
+    With ``compile=True`` attention runs inside the compiled graph and is not timed apart (NaN).
+    """
 
     def __init__(self, engine):
         import alise.kernels as kernels
@@ -119,7 +124,8 @@ class StepTimer:
             self.model = time.perf_counter() - t
             return result
 
-        self.kernels.paged_attention = attention
+        if not self.engine.config.compile:    # a wrapper would be traced into (and break) the compiled graph
+            self.kernels.paged_attention = attention
         self.engine.scheduler.schedule = schedule
         self.engine.runner.execute = execute
         try:
@@ -136,7 +142,8 @@ class StepTimer:
         self.engine.step()
         total = time.perf_counter() - t
         batch = self.last_batch
-        return {"total": total, "sched": self.sched, "model": self.model, "attn": self.attn,
+        attn = float("nan") if self.engine.config.compile else self.attn
+        return {"total": total, "sched": self.sched, "model": self.model, "attn": attn,
                 "tokens": len(batch.requests) if batch is not None else 0,
                 "decode_only": batch is not None and bool(batch.requests)
                 and all(n == 1 for n in batch.num_new_tokens)}
@@ -163,7 +170,7 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
             "decode_tok_s": sum(s["tokens"] for s in decode) / dt if dt else float("nan"),
             "e2e_tok_s": len(prompts) * output_tokens / wall, "wall": wall,
             "step_ms": mean("total"), "sched_ms": mean("sched"), "attn_ms": mean("attn"),
-            "model_ms": mean("model") - mean("attn"),
+            "model_ms": mean("model") - (0 if math.isnan(mean("attn")) else mean("attn")),
             "other_ms": mean("total") - mean("sched") - mean("model"),
             "preemptions": sum(o.metrics.num_preemptions for o in outs)}
 
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
                          "1 is often much faster than oversubscribed OpenMP threads")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile decode steps (LLM(compile=True)); each model's first decode step compiles, "
+                         "about a minute, before the timed runs")
     ap.add_argument("--quick", action="store_true", help="fewer runs, shorter outputs, batches of 1 and 8 only")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -250,13 +260,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown sections {sorted(unknown)}")
 
     print(f"alise generation benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cuda={torch.cuda.is_available()}, {_load()}")
+          f"cuda={torch.cuda.is_available()}, decode steps {'compiled' if args.compile else 'eager'}, {_load()}")
     text = _topic_text()
 
     if "single" in sections:
         rows = []
         for dtype in args.dtypes.split(","):
-            llm = LLM(args.model, dtype=dtype, scheduler=args.scheduler)
+            llm = LLM(args.model, dtype=dtype, scheduler=args.scheduler, compile=args.compile)
             ids = llm.tokenizer.encode(text)[:args.prefill_tokens]
             r = bench_single(llm, ids, decode_tokens, runs)
             rows.append([dtype, len(ids), r["prefill"], decode_tokens, r["decode"], r["decode_ms"],
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                ["dtype", "prompt", "prefill tok/s", "out", "decode tok/s", "ms/token", "decode range"], rows)
 
     if "batch" in sections:
-        llm = LLM(args.model, dtype=args.batch_dtype, scheduler=args.scheduler, max_num_seqs=max(concurrency))
+        llm = LLM(args.model, dtype=args.batch_dtype, scheduler=args.scheduler, max_num_seqs=max(concurrency),
+                  compile=args.compile)
         words = llm.tokenizer.encode(text)
         rng = random.Random(0)
         llm.generate([words[:32]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up

@@ -241,6 +241,9 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     the query heads of each kv head stacked as extra query rows (GQA without copying K/V per query head).
     ``scratch``: see ``_per_step`` (the padding plan is built once per step).
     """
+    if max_query_len == 1:
+        return decode_attention(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
+                                sm_scale=sm_scale)
     num_tokens, num_heads, head_dim = query.shape
     batch = seq_lens.numel()
     num_kv_heads = cache.k.shape[2]
@@ -265,4 +268,27 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     out = out.reshape(batch, max_query_len, num_heads, head_dim)  # (B, Mq, Hq, D)
     out = out.view(num_tokens, num_heads, head_dim) if plan.seq_of_token is None else \
         out[plan.seq_of_token, plan.row_of_token]                # (T, Hq, D)
+    return rotate(out).to(query.dtype) if rotated else out
+
+
+def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     sm_scale: float) -> torch.Tensor:
+    """``paged_attention`` for one query row per sequence (decode): ``query`` ``[B, Hq, D]``.
+
+    Reads every block of each row of ``block_tables`` and hides the keys at and past ``seq_lens[b]``, so the
+    shapes depend only on the table's width and nothing branches on tensor values: ``torch.compile`` traces it
+    whole (``ModelRunner``'s compiled decode step), and padding columns of the table are harmless.
+    """
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = cache.k.shape[2]
+    rotated = cache.kv_dtype == "int4"
+    max_len = block_tables.shape[1] * cache.k.shape[1]
+    k, v = gather_kv(cache, block_tables, max_len)              # (B, L, Hkv, D)
+    visible = torch.arange(max_len, device=query.device)[None] < seq_lens[:, None]   # (B, L)
+    q = rotate(query).to(query.dtype) if rotated else query
+    out = F.scaled_dot_product_attention(
+        q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim),   # the query heads of each kv head
+        k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=visible[:, None, None, :], scale=sm_scale)     # (B, Hkv, G, D)
+    out = out.reshape(batch, num_heads, head_dim)
     return rotate(out).to(query.dtype) if rotated else out
