@@ -199,6 +199,20 @@ def test_reference_attention_matches_dense_loop(case):
     assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", kernels.KV_DTYPES)
+def test_decode_attention_ignores_padding_columns(kv_dtype):
+    """Decode reads whole table rows (compile-friendly): padding columns on a block full of other keys, and
+    the masked tail of each sequence's last block, must not count."""
+    lens = [(1, 1), (1, 16), (1, 17), (1, 45)]
+    cache = random_pool(kv_dtype=kv_dtype, num_blocks=12, block_size=16, num_kv_heads=2, head_dim=16, seed=5)
+    query, meta = random_batch(lens=lens, num_blocks=11, block_size=16, num_heads=6, head_dim=16, seed=5,
+                               dtype=torch.float32, pad_value=11)       # block 11: in no sequence
+    assert meta["max_query_len"] == 1 and meta["block_tables"].shape[1] == 4
+    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    want = dense_attention(query, *dequantized_pages(cache), **meta)
+    assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_reference_attention_bf16_query():
     cache = random_pool(kv_dtype="bf16", num_blocks=12, block_size=16, num_kv_heads=2, head_dim=64, seed=3)
     query, meta = random_batch(lens=[(7, 50), (1, 33), (20, 20)], num_blocks=12, block_size=16, num_heads=6,
