@@ -26,9 +26,13 @@ def main() -> None:
                              "~1.5x faster on a CPU)")
     parser.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"], help="KV cache storage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile (CPU): ~1.4x faster decoding after about "
+                             "a minute of compilation at the first answer")
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, scheduler="fcfs", seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, scheduler="fcfs", seed=args.seed,
+              compile=args.compile)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
