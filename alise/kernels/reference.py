@@ -170,7 +170,11 @@ def _per_step(scratch: dict | None, key: str, build):
 
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor,
              scratch: dict | None = None) -> None:
-    """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1)."""
+    """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1).
+
+    ``scratch["write_kv"]`` holds ``(rows kept or None, their slots)``; a caller that knows every slot is real
+    may set it to ``(None, slot_mapping)`` first, which skips the -1 check (the compiled decode step does).
+    """
     def written():                                              # rows to store and where, -1 filtered out
         keep = slot_mapping >= 0
         return (None, slot_mapping.long()) if bool(keep.all()) else (keep, slot_mapping[keep].long())
