@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,9 +173,10 @@ class ModelRunner:
             seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(query_start, torch.int32),
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), backend=self.backend)
         input_ids, positions = self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64)
-        if compiled:
-            logits = self._run_compiled(input_ids, positions, meta)[:num_rows]           # (B, V) float32
-        else:
+        logits = self._run_compiled(input_ids, positions, meta) if compiled else None
+        if logits is not None:
+            logits = logits[:num_rows]                                                     # (B, V) float32
+        else:     # (padding rows, if a compile failed, write the null block and are not read back)
             hidden = self.model(input_ids, positions, self.caches, meta)
             if not logit_rows:
                 return StepResult({}, {})
@@ -214,7 +216,8 @@ class ModelRunner:
         return torch.compile(decode_logits, dynamic=True)
 
     def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      meta: AttentionMetadata) -> torch.Tensor:
+                      meta: AttentionMetadata) -> torch.Tensor | None:
+        """The compiled step's logits, or None (and eager steps from then on) if torch.compile fails."""
         if not self._compiled_yet:
             print("alise: compiling the decode step with torch.compile (once per process; about a minute on "
                   "2 CPU cores)", file=sys.stderr, flush=True)
@@ -224,8 +227,14 @@ class ModelRunner:
         meta.scratch["write_kv"] = (None, meta.slot_mapping)
         # inductor reads these two when it compiles (the first call, and any recompile), not from compile()'s
         # options: patched around every call, they apply to this graph only
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
-            return self._compiled_decode(input_ids, positions, meta)
+        try:
+            with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+                return self._compiled_decode(input_ids, positions, meta)
+        except Exception as error:    # a compiler problem must not take the engine and its requests down
+            warnings.warn(f"alise: torch.compile of the decode step failed, decode steps run eager from now on: "
+                          f"{type(error).__name__}: {str(error)[:500]}", RuntimeWarning, stacklevel=2)
+            self._compiled_decode = None
+            return None
 
     def _copy_out(self, blocks: list[int]) -> list[tuple]:
         """Host copy of ``blocks``' pages in every layer, compressed to ``swap_kv_dtype`` if the pool is not."""

@@ -43,3 +43,20 @@ def test_compile_arguments_are_checked(tiny_model_dir):
         tiny(tiny_model_dir, compile="yes")
     with pytest.raises(ValueError, match="compile"):
         tiny(tiny_model_dir, compile=True, backend="triton")
+
+
+def test_a_failing_compile_falls_back_to_eager(tiny_model_dir):
+    """A compiler error (no C++ compiler, an inductor bug) warns once and the requests finish as eager ones."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 20)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eager = [o.token_ids for o in tiny(tiny_model_dir).generate(prompts, params)]
+    llm = tiny(tiny_model_dir, compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    llm.engine.runner._compiled_decode = broken
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == eager
+    assert llm.engine.runner._compiled_decode is None

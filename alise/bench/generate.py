@@ -19,6 +19,8 @@ Sections (printed as tables; nothing is asserted):
 3. ``sched``: the scheduler alone (no model): a ``Scheduler`` over a ``BlockAllocator`` with 256 and 4096
    queued fake requests, driven by a fake executor; median and p90 time of ``schedule()`` per step, for the
    fcfs and alise policies.
+4. ``compile`` (not in the default sections): eager and ``compile=True`` engines in one process, runs
+   alternating, for each ``--concurrency``: median decode tokens/s of each and their ratio.
 
 Prompts are real text (CPython's ``pydoc_data/topics.py``). Timings on a shared CPU are noisy: the load
 average is printed with the results.
@@ -175,6 +177,29 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
             "preemptions": sum(o.metrics.num_preemptions for o in outs)}
 
 
+def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: list[int], prompts_of,
+                        output_tokens: int, runs: int) -> list[list]:
+    """Eager and compiled engines side by side: for each batch size, ``runs`` alternating runs of each;
+    decode tokens/s from the last request's first token to the last finish (median), and their ratio."""
+    engines = {compiled: LLM(model, dtype=dtype, scheduler=scheduler, max_num_seqs=max(concurrency),
+                             compile=compiled) for compiled in (False, True)}
+    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+    for llm in engines.values():                 # warm-up; compiles the decode step
+        llm.generate(prompts_of(2), params, use_tqdm=False)
+    rows = []
+    for n in concurrency:
+        prompts, speeds = prompts_of(n), {False: [], True: []}
+        for _ in range(runs):
+            for compiled, llm in engines.items():
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                start = max(o.metrics.first_token_time for o in outs)
+                end = max(o.metrics.finish_time for o in outs)
+                speeds[compiled].append(n * (output_tokens - 1) / (end - start))
+        eager, compiled = statistics.median(speeds[False]), statistics.median(speeds[True])
+        rows.append([n, eager, compiled, compiled / eager])
+    return rows
+
+
 # -- 3. scheduler alone -----------------------------------------------------------------------------------
 
 
@@ -228,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32",
                     help="comma-separated model dtypes for the single-stream section (default: bfloat16,float32)")
     ap.add_argument("--batch-dtype", default="bfloat16", help="model dtype of the batch section")
-    ap.add_argument("--sections", default="single,batch,sched", help="which of single,batch,sched to run")
+    ap.add_argument("--sections", default="single,batch,sched",
+                    help="which of single,batch,sched,compile to run (compile: eager vs compiled decode, side by "
+                         "side in one process)")
     ap.add_argument("--concurrency", default=None, help="batch sizes of the batch section (default 1,8,32,64)")
     ap.add_argument("--runs", type=int, default=None, help="runs per single-stream figure (median; default 5)")
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -255,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
-    unknown = sections - {"single", "batch", "sched"}
+    unknown = sections - {"single", "batch", "sched", "compile"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
@@ -292,6 +319,20 @@ def main(argv: list[str] | None = None) -> None:
                f"({_load()}); per decode step, ms",
                ["concurrent", "decode tok/s", "end-to-end tok/s", "step", "scheduler", "attention",
                 "model (rest)", "engine other", "decode steps"], rows)
+
+    if "compile" in sections:
+        from alise.hub import resolve_model
+        from alise.tokenizer import Tokenizer
+        words = Tokenizer.from_folder(resolve_model(args.model)).encode(text)
+        rng = random.Random(0)
+
+        def prompts_of(n):
+            return [words[s:s + rng.randint(28, 36)] for s in (rng.randrange(0, len(words) - 40) for _ in range(n))]
+        rows = bench_compile_ratio(args.model, args.batch_dtype, args.scheduler, concurrency, prompts_of,
+                                   batch_tokens, runs)
+        _table(f"4. eager vs compiled decode, {args.batch_dtype}, side by side ({runs} alternating runs each, "
+               f"median; {_load()}); tokens/s",
+               ["concurrent", "eager", "compiled", "compiled / eager"], rows)
 
     if "sched" in sections:
         rows = []
