@@ -32,7 +32,7 @@ class EngineConfig:
     predictor_history: str | None = None  # JSON Lines {"prompt", "output_len"} to warm-start the predictor
     seed: int = 0
     # compile decode steps with torch.compile (CPU, torch backend): one fused graph instead of ~100 eager ops
-    # per layer. Costs about a minute of compilation on the first decode step of each process
+    # per layer. Costs about a minute of compilation at the first decode step of each engine
     compile: bool = False
 
     def __post_init__(self):

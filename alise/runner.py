@@ -60,7 +60,7 @@ class ModelRunner:
             self.swap_kv_dtype, self.num_kv_heads, self.head_dim)
         # compiled decode steps get one more block than the allocator hands out: the padding rows' page
         self.null_block = num_blocks if compile else None
-        self.caches = [kernels.allocate_layer_cache(num_blocks=num_blocks + compile, block_size=block_size,
+        self.caches = [kernels.allocate_layer_cache(num_blocks=num_blocks + int(compile), block_size=block_size,
                                                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                                     kv_dtype=kv_dtype, device=device)
                        for _ in range(cfg.num_hidden_layers)]
@@ -156,7 +156,7 @@ class ModelRunner:
         max_blocks = max(len(r.block_table) for r in batch.requests)
         block_tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
         # compiled: steps that sample every sequence's next token from one new token each (decode)
-        compiled = self._compiled_decode is not None and len(sample_of) == len(input_ids) and not score_of
+        compiled = self._compiled_decode is not None and len(sample_of) == len(input_ids)
         if compiled:    # pad to MIN_COMPILED_DIM rows and table columns, the padding on the null block
             num_rows, null = len(input_ids), self.null_block
             width = max(max_blocks, MIN_COMPILED_DIM)
@@ -219,7 +219,7 @@ class ModelRunner:
                       meta: AttentionMetadata) -> torch.Tensor | None:
         """The compiled step's logits, or None (and eager steps from then on) if torch.compile fails."""
         if not self._compiled_yet:
-            print("alise: compiling the decode step with torch.compile (once per process; about a minute on "
+            print("alise: compiling the decode step with torch.compile (once per engine; about a minute on "
                   "2 CPU cores)", file=sys.stderr, flush=True)
             self._compiled_yet = True
         # every slot of a decode step is a real one: tell write_kv so, instead of it checking for -1 slots
@@ -227,13 +227,17 @@ class ModelRunner:
         meta.scratch["write_kv"] = (None, meta.slot_mapping)
         # inductor reads these two when it compiles (the first call, and any recompile), not from compile()'s
         # options: patched around every call, they apply to this graph only
+        # no "duck sizing" either: dims that happen to be equal at the first step (2 rows, 2 table columns) would
+        # otherwise share a symbol, and a recompile would follow when they part
         try:
-            with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+            with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), \
+                    torch.fx.experimental._config.patch(use_duck_shape=False):
                 return self._compiled_decode(input_ids, positions, meta)
         except Exception as error:    # a compiler problem must not take the engine and its requests down
             warnings.warn(f"alise: torch.compile of the decode step failed, decode steps run eager from now on: "
                           f"{type(error).__name__}: {str(error)[:500]}", RuntimeWarning, stacklevel=2)
             self._compiled_decode = None
+            self.model.pack_for_cpu()     # what the eager engine runs on (see Llama.pack_for_cpu)
             return None
 
     def _copy_out(self, blocks: list[int]) -> list[tuple]:

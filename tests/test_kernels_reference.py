@@ -269,7 +269,7 @@ def test_kernel_benchmark_byte_table(capsys):
 @pytest.mark.parametrize("lens", [[(1, 37), (1, 37), (1, 37)], [(1, 5), (1, 37), (1, 16)], [(1, 20), (9, 30)]])
 def test_step_scratch_is_shared_by_layers(lens):
     """One ``scratch`` dict per step, shared by two layers' pools: each layer still gets its own exact result
-    (decode batches of equal and unequal lengths take the unpadded path, mixed ones the padded one)."""
+    (decode batches of equal and unequal lengths share decode's mask, mixed ones the padding plan)."""
     need = sum(math.ceil(s / 16) for _, s in lens)
     scratch = {}
     for layer in range(2):

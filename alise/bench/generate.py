@@ -20,7 +20,7 @@ Sections (printed as tables; nothing is asserted):
    queued fake requests, driven by a fake executor; median and p90 time of ``schedule()`` per step, for the
    fcfs and alise policies.
 4. ``compile`` (not in the default sections): eager and ``compile=True`` engines in one process, runs
-   alternating, for each ``--concurrency``: median decode tokens/s of each and their ratio.
+   alternating, for each ``--concurrency``: median decode tokens/s (as in ``batch``) of each and their ratio.
 
 Prompts are real text (CPython's ``pydoc_data/topics.py``). Timings on a shared CPU are noisy: the load
 average is printed with the results.
@@ -180,24 +180,26 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
 def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: list[int], prompts_of,
                         output_tokens: int, runs: int) -> list[list]:
     """Eager and compiled engines side by side: for each batch size, ``runs`` alternating runs of each;
-    decode tokens/s from the last request's first token to the last finish (median), and their ratio."""
+    median decode tokens/s (decode-only steps, as in ``bench_batch``) of each and their ratio."""
     engines = {compiled: LLM(model, dtype=dtype, scheduler=scheduler, max_num_seqs=max(concurrency),
                              compile=compiled) for compiled in (False, True)}
-    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
     for llm in engines.values():                 # warm-up; compiles the decode step
-        llm.generate(prompts_of(2), params, use_tqdm=False)
+        llm.generate(prompts_of(2), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     rows = []
     for n in concurrency:
         prompts, speeds = prompts_of(n), {False: [], True: []}
         for _ in range(runs):
             for compiled, llm in engines.items():
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                start = max(o.metrics.first_token_time for o in outs)
-                end = max(o.metrics.finish_time for o in outs)
-                speeds[compiled].append(n * (output_tokens - 1) / (end - start))
+                speeds[compiled].append(bench_batch(llm, prompts, output_tokens)["decode_tok_s"])
         eager, compiled = statistics.median(speeds[False]), statistics.median(speeds[True])
         rows.append([n, eager, compiled, compiled / eager])
     return rows
+
+
+def batch_prompts(words: list[int], n: int, rng: random.Random) -> list[list[int]]:
+    """``n`` prompts of 28-36 tokens from random places in ``words``."""
+    starts = [rng.randrange(0, len(words) - 40) for _ in range(n)]
+    return [words[s:s + rng.randint(28, 36)] for s in starts]
 
 
 # -- 3. scheduler alone -----------------------------------------------------------------------------------
@@ -310,9 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         llm.generate([words[:32]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
         rows = []
         for n in concurrency:
-            starts = [rng.randrange(0, len(words) - 40) for _ in range(n)]
-            prompts = [words[s:s + rng.randint(28, 36)] for s in starts]
-            r = bench_batch(llm, prompts, batch_tokens)
+            r = bench_batch(llm, batch_prompts(words, n, rng), batch_tokens)
             rows.append([n, r["decode_tok_s"], r["e2e_tok_s"], r["step_ms"], r["sched_ms"], r["attn_ms"],
                          r["model_ms"], r["other_ms"], r["decode_steps"]])
         _table(f"2. batched decode, {args.batch_dtype}, ~32-token prompts, {batch_tokens} output tokens each "
@@ -325,11 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         from alise.tokenizer import Tokenizer
         words = Tokenizer.from_folder(resolve_model(args.model)).encode(text)
         rng = random.Random(0)
-
-        def prompts_of(n):
-            return [words[s:s + rng.randint(28, 36)] for s in (rng.randrange(0, len(words) - 40) for _ in range(n))]
-        rows = bench_compile_ratio(args.model, args.batch_dtype, args.scheduler, concurrency, prompts_of,
-                                   batch_tokens, runs)
+        rows = bench_compile_ratio(args.model, args.batch_dtype, args.scheduler, concurrency,
+                                   lambda n: batch_prompts(words, n, rng), batch_tokens, runs)
         _table(f"4. eager vs compiled decode, {args.batch_dtype}, side by side ({runs} alternating runs each, "
                f"median; {_load()}); tokens/s",
                ["concurrent", "eager", "compiled", "compiled / eager"], rows)

@@ -13,7 +13,8 @@ The contract between the runner and the kernels (DESIGN.md, "KV cache layout"):
 * A batch is a flat list of query tokens ``[num_tokens, num_heads, head_dim]``; sequence ``b`` owns the
   query rows ``query_start_loc[b]:query_start_loc[b+1]``, which are the *last* tokens of its
   ``seq_lens[b]`` tokens of context (so decode has 1 query row, a prefill chunk many). Its blocks are
-  ``block_tables[b, :ceil(seq_lens[b] / block_size)]``; entries after those are padding that kernels never read.
+  ``block_tables[b, :ceil(seq_lens[b] / block_size)]``; entries after those are padding: valid block ids
+  (the torch decode path reads whole table rows and masks the keys past ``seq_lens[b]``).
 
 Backends: ``"torch"`` runs ``reference.py`` (the CPU backend); ``"triton"`` runs ``quant.py`` / ``attention.py``
 (on CUDA, or on the CPU under Triton's interpreter; they need a power-of-two head_dim >= 16). The engine

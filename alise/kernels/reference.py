@@ -211,9 +211,9 @@ def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torc
 class PaddingPlan:
     """How a step's ragged query rows sit on the padded ``(B, max_query_len)`` grid, and what each row sees."""
 
-    seq_of_token: torch.Tensor | None   # (T,) grid coordinates of each query row; None when T == B (decode)
-    row_of_token: torch.Tensor | None
-    mask: torch.Tensor | None           # (B, 1, G * Mq, L) bool: key visible; None when every key is visible
+    seq_of_token: torch.Tensor   # (T,) grid coordinates of each query row
+    row_of_token: torch.Tensor
+    mask: torch.Tensor           # (B, 1, G * Mq, L) bool: key visible
 
 
 def padding_plan(*, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_tokens: int, group: int,
@@ -221,13 +221,9 @@ def padding_plan(*, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_t
     batch = seq_lens.numel()
     device = seq_lens.device
     q_lens = query_start_loc[1:] - query_start_loc[:-1]          # (B,)
-    seq_of_token = row_of_token = None
-    if max_query_len > 1:
-        # place each query row at (sequence, row within its chunk) of a padded (B, Mq) grid
-        seq_of_token = torch.repeat_interleave(torch.arange(batch, device=device), q_lens, output_size=num_tokens)
-        row_of_token = torch.arange(num_tokens, device=device) - query_start_loc[seq_of_token]
-    if max_query_len == 1 and bool((seq_lens == max_seq_len).all()):
-        return PaddingPlan(seq_of_token, row_of_token, None)     # decode, equal lengths: nothing to hide
+    # place each query row at (sequence, row within its chunk) of a padded (B, Mq) grid
+    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=device), q_lens, output_size=num_tokens)
+    row_of_token = torch.arange(num_tokens, device=device) - query_start_loc[seq_of_token]
     # query row i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None]  # (B, Mq)
     k_pos = torch.arange(max_seq_len, device=device)
@@ -243,11 +239,12 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
 
     Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid, with
     the query heads of each kv head stacked as extra query rows (GQA without copying K/V per query head).
-    ``scratch``: see ``_per_step`` (the padding plan is built once per step).
+    Decode batches (one row per sequence) take ``decode_attention``.
+    ``scratch``: see ``_per_step`` (the padding plan, or decode's mask, is built once per step).
     """
     if max_query_len == 1:
         return decode_attention(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
-                                sm_scale=sm_scale)
+                                sm_scale=sm_scale, scratch=scratch)
     num_tokens, num_heads, head_dim = query.shape
     batch = seq_lens.numel()
     num_kv_heads = cache.k.shape[2]
@@ -258,11 +255,8 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         max_query_len=max_query_len, max_seq_len=max_seq_len))
     k, v = gather_kv(cache, block_tables, max_seq_len)          # (B, L, Hkv, D)
     query = rotate(query).to(query.dtype) if rotated else query
-    if plan.seq_of_token is None:                                # one row per sequence: the grid is the batch
-        q = query.view(batch, 1, num_heads, head_dim)
-    else:
-        q = query.new_zeros(batch, max_query_len, num_heads, head_dim)
-        q[plan.seq_of_token, plan.row_of_token] = query          # (B, Mq, Hq, D)
+    q = query.new_zeros(batch, max_query_len, num_heads, head_dim)
+    q[plan.seq_of_token, plan.row_of_token] = query              # (B, Mq, Hq, D)
     q = q.view(batch, max_query_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)   # (B, Hkv, G, Mq, D)
     out = F.scaled_dot_product_attention(
         q.reshape(batch, num_kv_heads, group * max_query_len, head_dim),
@@ -270,13 +264,12 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         attn_mask=plan.mask, scale=sm_scale)                     # (B, Hkv, G * Mq, D)
     out = out.view(batch, num_kv_heads, group, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(batch, max_query_len, num_heads, head_dim)  # (B, Mq, Hq, D)
-    out = out.view(num_tokens, num_heads, head_dim) if plan.seq_of_token is None else \
-        out[plan.seq_of_token, plan.row_of_token]                # (T, Hq, D)
+    out = out[plan.seq_of_token, plan.row_of_token]              # (T, Hq, D)
     return rotate(out).to(query.dtype) if rotated else out
 
 
 def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     sm_scale: float) -> torch.Tensor:
+                     sm_scale: float, scratch: dict | None = None) -> torch.Tensor:
     """``paged_attention`` for one query row per sequence (decode): ``query`` ``[B, Hq, D]``.
 
     Reads every block of each row of ``block_tables`` and hides the keys at and past ``seq_lens[b]``, so the
@@ -288,7 +281,8 @@ def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, 
     rotated = cache.kv_dtype == "int4"
     max_len = block_tables.shape[1] * cache.k.shape[1]
     k, v = gather_kv(cache, block_tables, max_len)              # (B, L, Hkv, D)
-    visible = torch.arange(max_len, device=query.device)[None] < seq_lens[:, None]   # (B, L)
+    visible = _per_step(scratch, "decode_mask", lambda: torch.arange(max_len, device=query.device)[None]
+                        < seq_lens[:, None])                     # (B, L)
     q = rotate(query).to(query.dtype) if rotated else query
     out = F.scaled_dot_product_attention(
         q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim),   # the query heads of each kv head
