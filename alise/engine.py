@@ -175,7 +175,8 @@ class LLMEngine:
         start = time.perf_counter()
         result = self.runner.execute(batch)
         elapsed = time.perf_counter() - start
-        self._record_step(batch, elapsed)
+        if not result.compiled_now:     # a minute of compiling would skew the step-cost fit for a long while
+            self._record_step(batch, elapsed)
         now = time.monotonic()
         progressed = []
         for r, n in zip(batch.requests, batch.num_new_tokens):

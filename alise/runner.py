@@ -33,6 +33,7 @@ def key_calibration_text() -> str:
 class StepResult:
     sampled: dict[int, int]                       # id(request) -> new token, for requests that finished their pending tokens
     prompt_logprobs: dict[int, list[float]]       # id(request) -> log-probs of prompt tokens scored this step
+    compiled_now: bool = False                    # the step's time includes compiling the decode graph
 
 
 class ModelRunner:
@@ -173,6 +174,7 @@ class ModelRunner:
             seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(query_start, torch.int32),
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), backend=self.backend)
         input_ids, positions = self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64)
+        compiled_now = compiled and not self._compiled_yet
         logits = self._run_compiled(input_ids, positions, meta) if compiled else None
         if logits is not None:
             logits = logits[:num_rows]                                                     # (B, V) float32
@@ -181,7 +183,7 @@ class ModelRunner:
             if not logit_rows:
                 return StepResult({}, {})
             logits = self.model.compute_logits(hidden[self._tensor(logit_rows, torch.int64)])  # (N, V) float32
-        result = StepResult({}, {})
+        result = StepResult({}, {}, compiled_now)
         if score_of:
             logprobs = torch.log_softmax(logits, dim=-1)
             for r, row, targets in score_of:

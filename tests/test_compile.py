@@ -40,6 +40,8 @@ def test_compiled_decode_matches_eager_on_one_graph(tiny_model_dir, kv_dtype):
             compiled_rows.append(len(input_ids))
         return logits
     runner._run_compiled = counted
+    execute, executed = runner.execute, []
+    runner.execute = lambda batch: executed.append(1) or execute(batch)
     with torch._dynamo.config.patch(error_on_recompile=True):     # every decode step on the first graph
         alone = llm.generate([prompts[1]], alone_params)[0].token_ids
         batch = [o.token_ids for o in llm.generate(prompts, params)]
@@ -49,6 +51,8 @@ def test_compiled_decode_matches_eager_on_one_graph(tiny_model_dir, kv_dtype):
     # decode-only steps went through the graph, with 6 rows down to the padded minimum of 2
     assert max(compiled_rows) == 6 and min(compiled_rows) == 2
     assert len(compiled_rows) >= 39 + 24
+    # the step that compiled is kept out of the step times the cost model is fitted to
+    assert len(llm.engine.step_samples) == len(executed) - 1
 
 
 def test_compile_arguments_are_checked(tiny_model_dir):
