@@ -33,6 +33,8 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, scheduler="fcfs", seed=args.seed,
               compile=args.compile)
+    if args.compile:   # compile now (one decode step), not in the middle of the first answer
+        llm.generate([[0]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
