@@ -9,6 +9,7 @@ import torch
 
 from alise import kernels
 from alise.model import AttentionMetadata, Llama
+from alise.model import fp32_gemm as model_fp32_gemm
 from alise.sampling import sample
 from alise.sched.scheduler import ScheduledBatch
 
@@ -19,6 +20,10 @@ KEY_BALANCE_EXPONENT = 0.1
 # torch.compile specializes a dimension of size 1, so compiled decode steps pad the batch and the block tables
 # to at least this many rows / columns: every decode step then runs on one compiled graph
 MIN_COMPILED_DIM = 2
+# compiled bf16 decode steps with at least this many rows run their projections on float32 GEMMs
+# (``model.fp32_gemm``): compute-bound there, where the float32 GEMM beats oneDNN's bf16 one on CPUs without
+# AMX; fewer rows wait on reading the weights, which float32 doubles
+FP32_GEMM_MIN_ROWS = 32
 
 
 def key_calibration_text() -> str:
@@ -66,7 +71,10 @@ class ModelRunner:
                                                     kv_dtype=kv_dtype, device=device)
                        for _ in range(cfg.num_hidden_layers)]
         self._compiled_decode = self._compile_decode() if compile else None
-        self._compiled_yet = False
+        # float32 GEMMs for bf16 weights (model.fp32_gemm) pay off without AMX, where oneDNN's bf16 GEMM is slow
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        self._fp32_gemm_helps = model.embed_tokens.weight.dtype == torch.bfloat16 and not amx
+        self._compiled_graphs: set[bool] = set()    # fp32_gemm settings with a compiled graph
 
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -174,10 +182,13 @@ class ModelRunner:
             seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(query_start, torch.int32),
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), backend=self.backend)
         input_ids, positions = self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64)
-        compiled_now = compiled and not self._compiled_yet
-        logits = self._run_compiled(input_ids, positions, meta) if compiled else None
-        if logits is not None:
-            logits = logits[:num_rows]                                                     # (B, V) float32
+        fp32 = compiled and num_rows >= FP32_GEMM_MIN_ROWS and self._fp32_gemm_helps
+        compiled_now = compiled and fp32 not in self._compiled_graphs
+        outputs = self._run_compiled(input_ids, positions, meta, fp32_gemm=fp32) if compiled else None
+        greedy_tokens = None
+        if outputs is not None:   # decode: row i samples request i
+            logits, greedy_tokens = outputs[0][:num_rows], outputs[1][:num_rows]          # (B, V) float32, (B,)
+            logit_rows = list(range(num_rows))
         else:     # (padding rows, if a compile failed, write the null block and are not read back)
             hidden = self.model(input_ids, positions, self.caches, meta)
             if not logit_rows:
@@ -191,20 +202,25 @@ class ModelRunner:
                 result.prompt_logprobs[id(r)] = logprobs[rows, self._tensor(targets, torch.int64)].tolist()
         if sample_of:
             rows = [row for _, row in sample_of]
-            tokens = sample(logits[rows], [r.params for r, _ in sample_of], [r.generator for r, _ in sample_of])
+            if rows != logit_rows:
+                logits = logits[rows]
+            tokens = sample(logits, [r.params for r, _ in sample_of], [r.generator for r, _ in sample_of],
+                            greedy_tokens=greedy_tokens)
             result.sampled = {id(r): t for (r, _), t in zip(sample_of, tokens)}
         return result
 
     def _compile_decode(self):
-        """``compute_logits(model(...))`` of a decode step as one ``torch.compile`` graph.
+        """``compute_logits(model(...))`` of a decode step, and each row's argmax, as one ``torch.compile`` graph.
 
         Inductor fuses each layer's ~100 small eager ops (norms, RoPE, KV write, attention's gather and mask)
         into a few C++ loops; freezing makes the weights constants that it packs for oneDNN, and cpp_wrapper
         calls the kernels with no Python in between (``_run_compiled`` sets both). ``dynamic=True``: one graph
-        for every batch size >= 2 and table width >= 2 (``MIN_COMPILED_DIM``). Measured side by side on the
-        default model, bf16, 2 CPU cores (``python -m alise.bench.generate --sections compile``): decode 1.5-1.6x
-        the eager engine's tokens/s at batch 1, 1.3x at 32 concurrent requests. The frozen, packed weights are
-        a second copy beside the eager model's (which prefill steps use).
+        for every batch size >= 2 and table width >= 2 (``MIN_COMPILED_DIM``); a second one, compiled when a
+        bf16 batch first reaches ``FP32_GEMM_MIN_ROWS`` rows, runs the projections on float32 GEMMs
+        (``model.fp32_gemm``). Measured side by side on the default model, bf16, 2 CPU cores
+        (``python -m alise.bench.generate --sections compile``): decode 1.5-1.6x the eager engine's tokens/s at
+        batch 1, 1.3x at 32 concurrent requests. The frozen, packed weights are further copies beside the eager
+        model's (which prefill steps use): bf16 for the first graph, float32 (twice the bytes) for the second.
         """
         for cache in self.caches:   # the pages never change shape: no size symbols (or guards relating them)
             for t in (cache.k, cache.v, cache.k_scale, cache.v_scale):
@@ -215,16 +231,20 @@ class ModelRunner:
         def decode_logits(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
             # a closure, not a bound method: dynamo then sees the weights as the module's parameters, which
             # freezing needs in order to pack them
-            return model.compute_logits(model(input_ids, positions, caches, meta))
+            logits = model.compute_logits(model(input_ids, positions, caches, meta))    # (B, V) float32
+            # greedy rows' tokens in the same pass over the logits (sample() would read them again)
+            return logits, logits.argmax(dim=-1)
         return torch.compile(decode_logits, dynamic=True)
 
-    def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      meta: AttentionMetadata) -> torch.Tensor | None:
-        """The compiled step's logits, or None (and eager steps from then on) if torch.compile fails."""
-        if not self._compiled_yet:
-            print("alise: compiling the decode step with torch.compile (once per engine; about a minute on "
-                  "2 CPU cores)", file=sys.stderr, flush=True)
-            self._compiled_yet = True
+    def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, *,
+                      fp32_gemm: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The compiled step's float32 logits ``(B, V)`` and their argmax ``(B,)``, or None (and eager steps
+        from then on) if torch.compile fails."""
+        if fp32_gemm not in self._compiled_graphs:
+            rows = f" for batches of {'>=' if fp32_gemm else '<'} {FP32_GEMM_MIN_ROWS}" if self._fp32_gemm_helps else ""
+            print(f"alise: compiling the decode step{rows} with torch.compile (once per engine; about a minute "
+                  f"on 2 CPU cores)", file=sys.stderr, flush=True)
+            self._compiled_graphs.add(fp32_gemm)
         # every slot of a decode step is a real one: tell write_kv so, instead of it checking for -1 slots
         # (a check on tensor values, which would split the compiled graph)
         meta.scratch["write_kv"] = (None, meta.slot_mapping)
@@ -232,9 +252,10 @@ class ModelRunner:
         # options: patched around every call, they apply to this graph only
         # no "duck sizing" either: dims that happen to be equal at the first step (2 rows, 2 table columns) would
         # otherwise share a symbol, and a recompile would follow when they part
+        # dynamo guards on fp32_gemm's setting, so each setting gets (and then reuses) a graph of its own
         try:
             with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), \
-                    torch.fx.experimental._config.patch(use_duck_shape=False):
+                    torch.fx.experimental._config.patch(use_duck_shape=False), model_fp32_gemm(fp32_gemm):
                 return self._compiled_decode(input_ids, positions, meta)
         except Exception as error:    # a compiler problem must not take the engine and its requests down
             warnings.warn(f"alise: torch.compile of the decode step failed, decode steps run eager from now on: "

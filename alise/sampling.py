@@ -45,13 +45,15 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of ``logits`` ``(B, V)`` float32.
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           greedy_tokens: torch.Tensor | None = None) -> list[int]:
+    """One token per row of ``logits`` ``(B, V)`` float32; ``greedy_tokens`` ``(B,)``: their argmax, if the
+    caller has it already.
 
     Sampling uses the exponential race (gpt-fast): ``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``,
     and drawing ``E`` from each request's own generator keeps a seeded request reproducible in any batch.
     """
-    tokens = logits.argmax(dim=-1)                                # greedy rows are done already
+    tokens = logits.argmax(dim=-1) if greedy_tokens is None else greedy_tokens.clone()   # greedy rows: done
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
             continue

@@ -34,11 +34,11 @@ def test_compiled_decode_matches_eager_on_one_graph(tiny_model_dir, kv_dtype):
     compiled_rows = []
     run_compiled = runner._run_compiled
 
-    def counted(input_ids, *args):
-        logits = run_compiled(input_ids, *args)
-        if logits is not None:
+    def counted(input_ids, *args, **kwargs):
+        outputs = run_compiled(input_ids, *args, **kwargs)
+        if outputs is not None:
             compiled_rows.append(len(input_ids))
-        return logits
+        return outputs
     runner._run_compiled = counted
     execute, executed = runner.execute, []
     runner.execute = lambda batch: executed.append(1) or execute(batch)
@@ -77,3 +77,55 @@ def test_a_failing_compile_falls_back_to_eager(tiny_model_dir):
         outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == eager
     assert llm.engine.runner._compiled_decode is None
+
+
+def test_fp32_gemm_is_a_bf16_linear():
+    """Inside model.fp32_gemm a bf16 projection is computed on float32 GEMMs and rounded back to bf16: the
+    float64 product of the same bf16 operands, rounded to bf16 (within one bf16 step of float32 summation)."""
+    from alise.model import fp32_gemm, linear
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 96, generator=g).bfloat16()
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16()
+    exact = x.double() @ w.double().T + b.double()
+    with fp32_gemm():
+        out = linear(x, w, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact.bfloat16().double(), rtol=2 ** -7, atol=1e-6)
+    with fp32_gemm(False):
+        assert linear(x, w, b).dtype == torch.bfloat16
+    with fp32_gemm():   # other dtypes are left alone
+        assert torch.equal(linear(x.float(), w.float()), torch.nn.functional.linear(x.float(), w.float()))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_bf16_batches_past_the_threshold_get_a_float32_gemm_graph(tiny_model_dir, monkeypatch):
+    """bf16: a batch of FP32_GEMM_MIN_ROWS rows or more runs on a second graph (float32 GEMMs), fewer rows on
+    the first; each one's logits match the eager engine's for the same decode step."""
+    import alise.runner
+    monkeypatch.setattr(alise.runner, "FP32_GEMM_MIN_ROWS", 4)
+    g = torch.Generator().manual_seed(6)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)   # prefill, then one decode step
+    batches = [[torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+               for lengths in ((5, 17, 30, 2, 9), (12, 3))]                 # 5 rows (float32 GEMMs), then 2
+
+    def decode_logits(llm) -> list[torch.Tensor]:
+        seen = []
+        real_sample = alise.runner.sample
+        monkeypatch.setattr(alise.runner, "sample", lambda logits, *a, **k: seen.append(logits.clone())
+                            or real_sample(logits, *a, **k))
+        for prompts in batches:
+            llm.generate(prompts, params)
+        monkeypatch.setattr(alise.runner, "sample", real_sample)
+        return seen[1::2]      # [prefill, decode] per batch
+
+    eager = decode_logits(tiny(tiny_model_dir, dtype="bfloat16"))
+    torch._dynamo.reset()
+    llm = tiny(tiny_model_dir, dtype="bfloat16", compile=True)
+    llm.engine.runner._fp32_gemm_helps = True      # as on a CPU without AMX, whatever this one has
+    compiled = decode_logits(llm)
+    assert llm.engine.runner._compiled_graphs == {True, False}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    for e, c in zip(eager, compiled, strict=True):
+        assert c.shape == e.shape
+        torch.testing.assert_close(c, e, atol=0.02 * e.abs().max().item(), rtol=0)   # measured: 0.0075

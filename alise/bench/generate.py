@@ -124,6 +124,7 @@ class StepTimer:
             t = time.perf_counter()
             result = self._orig_execute(batch)
             self.model = time.perf_counter() - t
+            self.compiled_now = result.compiled_now
             return result
 
         if not self.engine.config.compile:    # a wrapper would be traced into (and break) the compiled graph
@@ -139,7 +140,7 @@ class StepTimer:
 
     def step(self) -> dict:
         self.attn = self.sched = self.model = 0.0
-        self.last_batch = None
+        self.last_batch, self.compiled_now = None, False
         t = time.perf_counter()
         self.engine.step()
         total = time.perf_counter() - t
@@ -148,7 +149,7 @@ class StepTimer:
         return {"total": total, "sched": self.sched, "model": self.model, "attn": attn,
                 "tokens": len(batch.requests) if batch is not None else 0,
                 "decode_only": batch is not None and bool(batch.requests)
-                and all(n == 1 for n in batch.num_new_tokens)}
+                and all(n == 1 for n in batch.num_new_tokens), "compiled_now": self.compiled_now}
 
 
 def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
@@ -165,7 +166,7 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
     for i in ids:
         del engine.requests[i]
     assert all(len(o.token_ids) == output_tokens for o in outs)
-    decode = [s for s in steps if s["decode_only"]]
+    decode = [s for s in steps if s["decode_only"] and not s["compiled_now"]]   # (compiling: a minute)
     dt = sum(s["total"] for s in decode)
     mean = lambda k: 1e3 * sum(s[k] for s in decode) / max(len(decode), 1)  # noqa: E731
     return {"n": len(prompts), "steps": len(steps), "decode_steps": len(decode),
@@ -183,8 +184,10 @@ def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: lis
     median decode tokens/s (decode-only steps, as in ``bench_batch``) of each and their ratio."""
     engines = {compiled: LLM(model, dtype=dtype, scheduler=scheduler, max_num_seqs=max(concurrency),
                              compile=compiled) for compiled in (False, True)}
-    for llm in engines.values():                 # warm-up; compiles the decode step
-        llm.generate(prompts_of(2), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for llm in engines.values():                 # warm-up; compiles the decode graphs
+        for n in concurrency:
+            llm.generate(prompts_of(n), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                         use_tqdm=False)
     rows = []
     for n in concurrency:
         prompts, speeds = prompts_of(n), {False: [], True: []}
@@ -309,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
                   compile=args.compile)
         words = llm.tokenizer.encode(text)
         rng = random.Random(0)
-        llm.generate([words[:32]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+        for n in concurrency:  # warm-up: a decode step at each batch size compiles the graphs it needs
+            llm.generate(batch_prompts(words, n, rng), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                         use_tqdm=False)
         rows = []
         for n in concurrency:
             r = bench_batch(llm, batch_prompts(words, n, rng), batch_tokens)
