@@ -184,10 +184,8 @@ def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: lis
     median decode tokens/s (decode-only steps, as in ``bench_batch``) of each and their ratio."""
     engines = {compiled: LLM(model, dtype=dtype, scheduler=scheduler, max_num_seqs=max(concurrency),
                              compile=compiled) for compiled in (False, True)}
-    for llm in engines.values():                 # warm-up; compiles the decode graphs
-        for n in concurrency:
-            llm.generate(prompts_of(n), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
-                         use_tqdm=False)
+    for llm in engines.values():
+        warm_up(llm, [prompts_of(n) for n in concurrency])
     rows = []
     for n in concurrency:
         prompts, speeds = prompts_of(n), {False: [], True: []}
@@ -197,6 +195,13 @@ def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: lis
         eager, compiled = statistics.median(speeds[False]), statistics.median(speeds[True])
         rows.append([n, eager, compiled, compiled / eager])
     return rows
+
+
+def warm_up(llm: LLM, batches: list[list[list[int]]]) -> None:
+    """Run each batch of prompts long enough that all of it decodes together (prefill takes a few steps at
+    64 prompts): a compiled engine then has every decode graph these batch sizes need."""
+    for prompts in batches:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 
 
 def batch_prompts(words: list[int], n: int, rng: random.Random) -> list[list[int]]:
@@ -312,9 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                   compile=args.compile)
         words = llm.tokenizer.encode(text)
         rng = random.Random(0)
-        for n in concurrency:  # warm-up: a decode step at each batch size compiles the graphs it needs
-            llm.generate(batch_prompts(words, n, rng), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
-                         use_tqdm=False)
+        warm_up(llm, [batch_prompts(words, n, rng) for n in concurrency])
         rows = []
         for n in concurrency:
             r = bench_batch(llm, batch_prompts(words, n, rng), batch_tokens)
