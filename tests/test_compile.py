@@ -121,6 +121,7 @@ def test_bf16_batches_past_the_threshold_get_a_float32_gemm_graph(tiny_model_dir
 
     eager = decode_logits(tiny(tiny_model_dir, dtype="bfloat16"))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     llm = tiny(tiny_model_dir, dtype="bfloat16", compile=True)
     llm.engine.runner._fp32_gemm_helps = True      # as on a CPU without AMX, whatever this one has
     compiled = decode_logits(llm)
