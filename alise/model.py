@@ -135,11 +135,12 @@ def fp32_gemm(enabled: bool = True):
     """Within this context bf16 projections run as float32 GEMMs on exact float32 copies of their operands.
 
     The result is a bf16 linear all the same (bf16 inputs and weights, float32 accumulation, rounded to bf16:
-    what oneDNN's bf16 GEMM computes), but on CPUs without AMX MKL's float32 GEMM is the faster kernel once a
-    GEMM has enough rows to be compute-bound: measured at 32 rows on the default model's shapes, 1.8x oneDNN's
-    bf16 (280 vs 155 GFLOP/s on 2 cores). Meant for a ``torch.compile`` graph with freezing, which folds
-    ``weight.float()`` into a constant once (eager, it would convert every weight on every call). Few rows read
-    the weights from memory, and float32 weights are twice the bytes: keep bf16 there.
+    what oneDNN's bf16 GEMM computes), but on CPUs without AMX the float32 GEMMs are the faster kernels once a
+    GEMM has enough rows to be compute-bound: at 32 rows on the default model's shapes, weights in cache, 175-290
+    GFLOP/s (oneDNN / MKL float32) against oneDNN bf16's 150-170 on 2 cores. Meant for a ``torch.compile`` graph
+    with freezing, which folds ``weight.float()`` into a constant once (eager, it would convert every weight on
+    every call). The float32 weights are twice the bytes to stream from memory: with few rows that dominates,
+    and bf16 is faster (``ModelRunner`` switches at ``FP32_GEMM_MIN_ROWS``).
     """
     global _FP32_GEMM
     previous, _FP32_GEMM = _FP32_GEMM, enabled
