@@ -188,7 +188,6 @@ class ModelRunner:
         greedy_tokens = None
         if outputs is not None:   # decode: row i samples request i
             logits, greedy_tokens = outputs[0][:num_rows], outputs[1][:num_rows]          # (B, V) float32, (B,)
-            logit_rows = list(range(num_rows))
         else:     # (padding rows, if a compile failed, write the null block and are not read back)
             hidden = self.model(input_ids, positions, self.caches, meta)
             if not logit_rows:
@@ -202,8 +201,8 @@ class ModelRunner:
                 result.prompt_logprobs[id(r)] = logprobs[rows, self._tensor(targets, torch.int64)].tolist()
         if sample_of:
             rows = [row for _, row in sample_of]
-            if rows != logit_rows:
-                logits = logits[rows]
+            if rows != list(range(len(logits))):      # (a compiled decode step samples every row, in order)
+                logits, greedy_tokens = logits[rows], None
             tokens = sample(logits, [r.params for r, _ in sample_of], [r.generator for r, _ in sample_of],
                             greedy_tokens=greedy_tokens)
             result.sampled = {id(r): t for (r, _), t in zip(sample_of, tokens)}
@@ -242,7 +241,8 @@ class ModelRunner:
         """The compiled step's float32 logits ``(B, V)`` and their argmax ``(B,)``, or None (and eager steps
         from then on) if torch.compile fails."""
         if fp32_gemm not in self._compiled_graphs:
-            rows = f" for batches of {'>=' if fp32_gemm else '<'} {FP32_GEMM_MIN_ROWS}" if self._fp32_gemm_helps else ""
+            rows = (f" for batches of {'>=' if fp32_gemm else '<'} {FP32_GEMM_MIN_ROWS}"
+                    if self._fp32_gemm_helps else "")
             print(f"alise: compiling the decode step{rows} with torch.compile (once per engine; about a minute "
                   f"on 2 CPU cores)", file=sys.stderr, flush=True)
             self._compiled_graphs.add(fp32_gemm)
