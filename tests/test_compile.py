@@ -130,3 +130,19 @@ def test_bf16_batches_past_the_threshold_get_a_float32_gemm_graph(tiny_model_dir
     for e, c in zip(eager, compiled, strict=True):
         assert c.shape == e.shape
         torch.testing.assert_close(c, e, atol=0.02 * e.abs().max().item(), rtol=0)   # measured: 0.0075
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_compiled_steps_sample_seeded_rows_beside_greedy_ones(tiny_model_dir):
+    """The graph's argmax serves the greedy rows; sampled rows in the same step still draw from their logits."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 13, 6)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.2, top_p=0.8, seed=12, max_tokens=12, ignore_eos=True)]
+    eager = [o.token_ids for o in tiny(tiny_model_dir).generate(prompts, params)]
+    torch._dynamo.reset()
+    llm = tiny(tiny_model_dir, compile=True)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == eager
+    assert llm.engine.runner._compiled_decode is not None
