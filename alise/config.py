@@ -1,12 +1,18 @@
 """EngineConfig: every knob of the engine in one place, validated with errors that name the argument."""
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from dataclasses import dataclass
 
 KV_DTYPE_CHOICES = ("auto", "bf16", "int8", "int4")
 SCHEDULER_CHOICES = ("fcfs", "alise", "oracle")
 BACKEND_CHOICES = ("auto", "triton", "torch")
-DTYPE_CHOICES = ("bfloat16", "float32")
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+# "bf16" is a deprecated spelling of "auto" (copy swapped KV unchanged)
+SWAP_KV_DTYPE_CHOICES = ("auto", "int8", "int4", "bf16")
+SEED_MAX = 2**63 - 1
 
 
 @dataclass
@@ -15,7 +21,7 @@ class EngineConfig:
     kv_dtype: str = "auto"            # "auto" = the model's dtype, unquantized
     scheduler: str = "alise"
     backend: str = "auto"             # "auto": triton on CUDA, the torch reference on CPU
-    dtype: str = "bfloat16"
+    dtype: str = "auto"               # "auto": the engine picks bfloat16 or float32 for the device
     device: str = "auto"              # "auto": cuda if available, else cpu
     max_num_seqs: int = 64            # cap on sequences in one step
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decode tokens)
@@ -24,7 +30,9 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     swap_space_gb: float = 1.0        # host memory for swapped-out (compressed) KV of preempted requests
-    swap_kv_dtype: str = "int8"       # how swapped KV is stored: "bf16" (exact), "int8" or "int4"
+    # how swapped-out KV is stored: "auto" copies it in the pool's own format (exact); "int8" / "int4" compress it
+    # (less host memory, but a request's output then depends on whether load preempted it)
+    swap_kv_dtype: str = "auto"
     # the ALISE length predictor's prompt embedder: "model" (the served model's mean token embedding) or
     # "minilm" (all-MiniLM-L6-v2, the paper's kind of encoder). "model" is the default because it measured
     # better on the real trace (Kendall's tau 0.71 vs 0.66, held-out prompts) at a fraction of the cost
@@ -41,7 +49,11 @@ class EngineConfig:
         _choice("backend", self.backend, BACKEND_CHOICES)
         _choice("dtype", self.dtype, DTYPE_CHOICES)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        _choice("swap_kv_dtype", self.swap_kv_dtype, ("bf16", "int8", "int4"))
+        _choice("swap_kv_dtype", self.swap_kv_dtype, SWAP_KV_DTYPE_CHOICES)
+        if self.swap_kv_dtype == "bf16":
+            warnings.warn('swap_kv_dtype="bf16" is deprecated: use "auto" (swapped KV copied unchanged)',
+                          DeprecationWarning, stacklevel=3)
+            self.swap_kv_dtype = "auto"
         _choice("predictor", self.predictor, ("minilm", "model"))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive_int(name, getattr(self, name))
@@ -49,14 +61,20 @@ class EngineConfig:
             _positive_int("kv_cache_blocks", self.kv_cache_blocks)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
-        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
-        if not self.swap_space_gb >= 0:
-            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb!r}")
+        if self.kv_cache_memory_gb is not None and \
+                (not _is_finite_number(self.kv_cache_memory_gb) or not self.kv_cache_memory_gb > 0):
+            raise ValueError(f"kv_cache_memory_gb must be None or a finite number > 0, got {self.kv_cache_memory_gb!r}")
+        if not _is_finite_number(self.swap_space_gb) or not self.swap_space_gb >= 0:
+            raise ValueError(f"swap_space_gb must be a finite number >= 0, got {self.swap_space_gb!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be a bool, got {self.compile!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {self.seed!r}")
+        if self.predictor_history is not None:
+            if not isinstance(self.predictor_history, (str, os.PathLike)):
+                raise ValueError(f"predictor_history must be None or a path, got {self.predictor_history!r}")
+            if not os.path.isfile(self.predictor_history):
+                raise ValueError(f"predictor_history: no such file {os.fspath(self.predictor_history)!r}")
 
 
 def _choice(name: str, value, choices: tuple) -> None:
@@ -67,3 +85,13 @@ def _choice(name: str, value, choices: tuple) -> None:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _is_finite_number(value) -> bool:
+    """A finite int or float; not a bool, not a string (an int too large for a float is not finite either)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -43,7 +43,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Llama, *, kv_dtype: str, block_size: int, num_blocks: int | None,
-                 kv_cache_memory_gb: float | None, backend: str, device: torch.device, swap_kv_dtype: str = "bf16",
+                 kv_cache_memory_gb: float | None, backend: str, device: torch.device, swap_kv_dtype: str = "auto",
                  compile: bool = False):
         self.model, self.device, self.backend = model, device, backend
         cfg = model.config
@@ -59,9 +59,11 @@ class ModelRunner:
                 budget = DEFAULT_CPU_KV_GB * GiB
             num_blocks = max(int(budget // (self.bytes_per_token * block_size)), 1)
         self.num_blocks = num_blocks
-        # swapped-out KV: quantized pages are copied as they are; unquantized ones are compressed on the way
-        # out when swap_kv_dtype asks for it ("bf16" = copy unchanged)
-        self.swap_kv_dtype = kv_dtype if kv_dtype in ("int8", "int4") or swap_kv_dtype == "bf16" else swap_kv_dtype
+        # swapped-out KV: copied in the pool's own format (exact; "auto", or its legacy name "bf16"), or, for
+        # unquantized pools, compressed on the way out when swap_kv_dtype is "int8" / "int4" (lossy: outputs
+        # then depend on the load); quantized pages are always copied as they are
+        exact = kv_dtype in ("int8", "int4") or swap_kv_dtype in ("auto", "bf16")
+        self.swap_kv_dtype = kv_dtype if exact else swap_kv_dtype
         self.swap_bytes_per_token = cfg.num_hidden_layers * kernels.bytes_per_token(
             self.swap_kv_dtype, self.num_kv_heads, self.head_dim)
         # compiled decode steps get one more block than the allocator hands out: the padding rows' page

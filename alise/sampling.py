@@ -6,6 +6,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+SEED_MAX = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit seed; the engine draws its own below 2**62
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, not a count or a seed)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_real(value) -> bool:
+    """A finite int or float, not a bool (an int too large for a float is not finite either)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
 
 @dataclass
 class SamplingParams:
@@ -25,19 +42,22 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+        if not _is_finite_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:  # NaN fails this too
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if not _is_finite_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or \
-                not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {self.seed!r}")
+        for name in ("ignore_eos", "prompt_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.stop_token_ids = list(self.stop_token_ids)
 
     @property

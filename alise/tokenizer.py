@@ -90,8 +90,7 @@ class Tokenizer:
         for HF render the same here. Falls back to ChatML when the folder has no template. Extra keyword
         arguments are passed to the template.
         """
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("messages must be a list of dicts with 'role' and 'content'")
+        _check_messages(messages)
         return self._compiled_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -138,6 +137,21 @@ class Tokenizer:
 
     def _token_text(self, idx: int | None) -> str:
         return "" if idx is None else (self.inner.id_to_token(idx) or "")
+
+
+def _check_messages(messages: Any) -> None:
+    """A non-empty list of dicts, each with a str ``"role"`` and a str ``"content"`` (other keys pass through)."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise ValueError(f"messages must be a non-empty list of dicts with 'role' and 'content', got {got}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"messages[{i}]: missing {key!r}")
+            if not isinstance(message[key], str):
+                raise ValueError(f"messages[{i}]: {key!r} must be a string, got {message[key]!r:.80}")
 
 
 def _pick_template(template: Any) -> str | None:

@@ -2,10 +2,14 @@
 
     python examples/chat.py                       # interactive; empty line or Ctrl-D quits, /reset forgets
     python examples/chat.py --prompt "Hi there"   # one answer, then exit
+
+Ctrl-C during an answer stops that answer (a second Ctrl-C quits); Ctrl-C at the prompt quits.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 import time
 
@@ -20,34 +24,58 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
-    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+    parser.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float32"],
                         help="weights and activations (default float32: this 135M model's greedy answers flip on "
                              "close calls in bfloat16, e.g. 'What is the capital of France?'; bfloat16 decodes "
-                             "~1.5x faster on a CPU)")
+                             "~1.5x faster on a CPU; auto: bfloat16 where the hardware has fast bf16, else float32)")
     parser.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"], help="KV cache storage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (CPU): ~1.5x faster decoding after about "
                              "a minute of compilation at the first answer")
     args = parser.parse_args()
+    # check the arguments before the model loads
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
 
     llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, scheduler="fcfs", seed=args.seed,
               compile=args.compile)
     if args.compile:   # compile now (one decode step), not in the middle of the first answer
         llm.generate([[0]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(message: str) -> None:
         history.append({"role": "user", "content": message})
         prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history))
-        start, parts = time.perf_counter(), []
-        for delta in llm.stream(prompt, params):
-            parts.append(delta)
-            print(delta, end="", flush=True)
+        stream, parts, first, interrupted = llm.stream(prompt, params), [], None, False
+        with StopOnCtrlC() as ctrl_c:
+            try:
+                for delta in stream:
+                    if first is None:
+                        first = time.perf_counter()   # the prompt has been processed: decoding starts here
+                    parts.append(delta)
+                    print(delta, end="", flush=True)
+                    if ctrl_c.pressed:
+                        interrupted = True
+                        break
+            finally:
+                stream.close()                        # an unfinished request is aborted, its KV freed
+        end = time.perf_counter()
         history.append({"role": "assistant", "content": "".join(parts)})
+        if interrupted:
+            print("\n[interrupted]", file=sys.stderr)
+            return
         n = len(llm.tokenizer.encode("".join(parts)))
-        print(f"\n[{n} tokens, {n / (time.perf_counter() - start):.1f} tokens/s]", file=sys.stderr)
+        # the first token came with the prompt's processing; the other n - 1 were decoded after it
+        rate = f", {(n - 1) / (end - first):.1f} decode tokens/s" if n > 1 and end > first else ""
+        print(f"\n[{n} tokens{rate}]", file=sys.stderr)
 
     if args.prompt is not None:
         answer(args.prompt)
@@ -57,7 +85,7 @@ def main() -> None:
         try:
             message = input("> ").strip()
         except EOFError:
-            break
+            break                                 # Ctrl-C here raises KeyboardInterrupt: see the end of the file
         if not message:
             break
         if message == "/reset":
@@ -66,5 +94,27 @@ def main() -> None:
         answer(message)
 
 
+class StopOnCtrlC:
+    """While active, the first Ctrl-C only sets ``pressed`` (the answer loop stops at its next piece of text, so
+    the engine is never interrupted mid-step); a second one raises KeyboardInterrupt as usual."""
+
+    def __enter__(self) -> "StopOnCtrlC":
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                     # Ctrl-C at the prompt, while loading, or twice in an answer
+        print(file=sys.stderr)
+        sys.exit(130)

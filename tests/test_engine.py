@@ -104,12 +104,12 @@ def _assert_pool_whole(engine):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-@pytest.mark.parametrize("scheduler, swap_kv_dtype", [("fcfs", "int8"), ("alise", "bf16")])
+@pytest.mark.parametrize("scheduler, swap_kv_dtype", [("fcfs", "int8"), ("alise", "auto")])
 def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstrained_outputs, scheduler,
                                                     swap_kv_dtype):
     """16 requests of <= 4 blocks each in a 16-block pool: about a quarter fit at once."""
     llm = tiny(tiny_model_dir, scheduler=scheduler, kv_cache_blocks=16, block_size=16,
-               swap_kv_dtype=swap_kv_dtype)   # "bf16" here means an exact (uncompressed) host copy
+               swap_kv_dtype=swap_kv_dtype)   # "auto" (the default): an exact host copy; fcfs never swaps
     copied_out = []
     copy_out = llm.engine.runner._copy_out
     llm.engine.runner._copy_out = lambda blocks: copied_out.append(len(blocks)) or copy_out(blocks)
@@ -123,8 +123,8 @@ def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstraine
 
 
 def test_memory_pressure_with_compressed_swap_finishes_everything(tiny_model_dir):
-    """ALISE's default int8 swap is lossy: outputs may drift, but every request finishes and nothing leaks."""
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=16, block_size=16)
+    """int8 swap compression is lossy: outputs may drift, but every request finishes and nothing leaks."""
+    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=16, block_size=16, swap_kv_dtype="int8")
     outs = llm.generate(PRESSURE_PROMPTS, PRESSURE_PARAMS)
     assert all(o.finish_reason == "length" and len(o.token_ids) == 24 for o in outs)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
@@ -382,10 +382,11 @@ def test_cost_model_is_fitted_to_this_machine_within_a_few_steps(tiny_model_dir)
         engine.step()
     assert engine.cost == CostModel()
     engine.step()
-    assert engine.cost != CostModel()
-    fitted_step = engine.cost.step_time(0, 1, 40)
-    measured = sorted(s[3] for s in engine.step_samples if s[0] == 0)
-    assert measured and fitted_step == pytest.approx(measured[len(measured) // 2], rel=1.0)
+    # the policy ranks with a least-squares fit to exactly the steps measured so far (no wall-clock comparison:
+    # that was flaky on a loaded machine)
+    assert len(engine.step_samples) == 4 and engine.cost != CostModel()
+    assert engine.cost == CostModel.fit(engine.step_samples)
+    assert engine.policy.cost is engine.cost
     engine.step_samples.clear()        # what a benchmark does between runs; the next refit comes with 1 sample
     engine.num_steps = 63
     engine.step()                      # must not fit (nor raise) on fewer than 4 samples

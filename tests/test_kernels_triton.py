@@ -81,6 +81,46 @@ def test_write_kernel_matches_reference_slot_for_slot(kv_dtype, num_tokens, num_
             assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() < 0.01
 
 
+def _fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int64).sub(2 ** 32 * (bits >= 2 ** 31)).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_write_kernel_rounds_fp32_to_bf16_pages_like_torch(head_dim):
+    """fp32 K/V into bf16 pages: bit for bit torch's round-to-nearest-even (the interpreter's cast truncates).
+
+    Every slot is written (no -1); the values include exact ties (low 16 bits 0x8000, odd and even high halves),
+    values just above and below a tie, magnitudes from subnormal to past bf16's largest finite (rounding to inf),
+    signed zeros and infinities. NaN must stay NaN (its bits are not compared: torch's own differ by code path).
+    """
+    g = torch.Generator().manual_seed(head_dim)
+    num_blocks, block_size, heads = 4, 16, 2
+    n = num_blocks * block_size * heads * head_dim
+    high = torch.randint(0, 2 ** 16, (n,), generator=g, dtype=torch.int64)
+    high = high.masked_fill((high & 0x7F80) == 0x7F80, 0x3F80)                     # no inf / NaN patterns here
+    low = torch.randint(0, 2 ** 16, (n,), generator=g, dtype=torch.int64)
+    kind = torch.randint(0, 4, (n,), generator=g)                                  # ties, tie +- 1, random
+    low = torch.where(kind == 0, 0x8000, torch.where(kind == 1, 0x7FFF, torch.where(kind == 2, 0x8001, low)))
+    key = _fp32_from_bits(high << 16 | low)
+    specials = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e-45, 3.4e38, -3.4e38, 3.39e38, float("inf"),
+                             -float("inf"), 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 65504.0, 1e-20])
+    key[: len(specials)] = specials
+    value = torch.randn(n, generator=g) * torch.logspace(-30, 30, n).float()[torch.randperm(n, generator=g)]
+    value[:4] = _fp32_from_bits(torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000]))   # ties both ways
+    value[4] = float("nan")
+    key, value = (t.view(num_blocks * block_size, heads, head_dim).to(DEVICE) for t in (key, value))
+    cache = kernels.allocate_layer_cache(num_blocks=num_blocks, block_size=block_size, num_kv_heads=heads,
+                                         head_dim=head_dim, kv_dtype="bf16", device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=g).to(DEVICE)
+    kernels.write_kv(key=key, value=value, cache=cache, slot_mapping=slots, backend="triton")
+    k_out = cache.k.flatten(0, 1)[slots].cpu()
+    v_out = cache.v.flatten(0, 1)[slots].cpu()
+    assert torch.equal(k_out.view(torch.int16), key.cpu().to(torch.bfloat16).view(torch.int16))
+    nan = value.cpu().isnan()
+    assert nan.sum() == 1 and torch.equal(v_out.isnan(), nan)
+    assert torch.equal(v_out[~nan].view(torch.int16), value.cpu()[~nan].to(torch.bfloat16).view(torch.int16))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # attention kernel
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,6 +320,10 @@ build(attention._paged_attention_kernel,                  # head_dim 16: int4 ni
            PV_DTYPE=tl.float32, PRECISION="ieee", INTERPRET=False))
 build(attention._merge_kernel, {"stride": "i64", "part_": "*fp32", "out_ptr": "*bf16", "lens_ptr": "*i32"},
       dict(SPLIT=256, HEAD_DIM=64, MERGE_TILE=16))
+for page in ("*bf16", "*fp32"):                            # fp32 K/V: rounded to bf16 pages on the bits
+    build(quant._write_kv_kernel, {"stride": "i64", "key_ptr": "*fp32", "value_ptr": "*fp32", "cache_ptr": page,
+                                   "scale_ptr": page, "slot_ptr": "*i64"},
+          dict(BLOCK_SIZE=16, HEAD_DIM=64, KV_MODE=0, LOG2_D=6, K_GROUPS=1))
 print("compiled")
 '''
 

@@ -34,10 +34,47 @@ def gen(seed: int) -> torch.Generator:
     (dict(stop_token_ids=["a"]), "stop_token_ids"),
     (dict(seed="7"), "seed"),
     (dict(seed=1.0), "seed"),
+    # bool is not a number
+    (dict(temperature=True), "temperature"),
+    (dict(temperature=False), "temperature"),
+    (dict(top_k=True), "top_k"),
+    (dict(top_p=True), "top_p"),
+    (dict(max_tokens=False), "max_tokens"),
+    (dict(seed=True), "seed"),
+    (dict(seed=False), "seed"),
+    (dict(stop_token_ids=[2, True]), "stop_token_ids"),
+    (dict(stop_token_ids=(False,)), "stop_token_ids"),
+    # finite real numbers only
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=10 ** 400), "temperature"),      # an int too large for a float
+    (dict(top_p=float("inf")), "top_p"),
+    (dict(top_p=float("-inf")), "top_p"),
+    (dict(top_p="0.5"), "top_p"),
+    # seed: None or an int in [0, 2**63 - 1]
+    (dict(seed=2 ** 63), "seed"),
+    (dict(seed=2 ** 70), "seed"),
+    (dict(seed=-1), "seed"),
+    # real bools
+    (dict(ignore_eos="no"), "ignore_eos"),
+    (dict(ignore_eos=1), "ignore_eos"),
+    (dict(ignore_eos=None), "ignore_eos"),
+    (dict(prompt_logprobs="yes"), "prompt_logprobs"),
+    (dict(prompt_logprobs=0), "prompt_logprobs"),
 ])
 def test_bad_sampling_params_raise_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 62, 2 ** 63 - 1])
+def test_seed_range_limits_are_accepted_and_seed_a_generator(seed):
+    assert SamplingParams(seed=seed).seed == seed
+    torch.Generator().manual_seed(seed)             # what the engine does with it: must not overflow
+
+
+def test_int_temperature_and_top_p_and_bool_flags_are_accepted():
+    p = SamplingParams(temperature=2, top_p=1, ignore_eos=True, prompt_logprobs=True, seed=None)
+    assert p.temperature == 2 and p.top_p == 1 and p.ignore_eos is True and p.prompt_logprobs is True
 
 
 def test_nan_temperature_is_rejected():

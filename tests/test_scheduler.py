@@ -171,15 +171,15 @@ def test_swap_out_and_in_keeps_the_request_whole():
     assert scheduler.allocator.num_free == 14 and scheduler.swap_space.used_bytes == 0
 
 
-@pytest.mark.parametrize("swap_kv_dtype", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("swap_kv_dtype", ["auto", "int8", "int4"])
 def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
-    """Swapped-and-restored greedy runs equal the uninterrupted ones (bf16 swap: exactly); compressed
+    """Swapped-and-restored greedy runs equal the uninterrupted ones (the default exact swap: token for token); compressed
     swap restores every page within half a quantization step of the original."""
     from alise import LLM
     prompts = [[5 + i + j for j in range(8 * (i + 1))] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    free = LLM(str(tiny_model_dir), dtype="float32", scheduler="oracle").generate(prompts, params)
-    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler="oracle", kv_cache_blocks=20, block_size=4,
+    free = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise").generate(prompts, params)
+    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise", kv_cache_blocks=20, block_size=4,
               swap_kv_dtype=swap_kv_dtype)
     swapped_ids = set()
     runner = llm.engine.runner
@@ -191,7 +191,7 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     runner.execute = execute
     outs = llm.generate(prompts, params)
     assert swapped_ids, "the small pool should have forced swaps"
-    if swap_kv_dtype == "bf16":
+    if swap_kv_dtype == "auto":
         assert [o.token_ids for o in outs] == [o.token_ids for o in free]
     assert llm.engine.allocator.num_free == 20 and llm.engine.scheduler.swap_space.used_bytes == 0
     # the page round trip itself, against the analytical bound
@@ -204,7 +204,7 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     assert held == 2 * 4 * runner.swap_bytes_per_token
     runner._copy_in(host, [0, 1])
     err = (cache.k[:2] - before).abs()
-    if swap_kv_dtype == "bf16":
+    if swap_kv_dtype == "auto":
         assert torch.equal(cache.k[:2], before)
     elif swap_kv_dtype == "int8":   # half a step of absmax / 127 per (token, head)
         step = before.abs().amax(-1, keepdim=True) / 127

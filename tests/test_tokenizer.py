@@ -206,6 +206,30 @@ def test_template_is_sandboxed_and_validated(tmp_path, tiny):
         Tokenizer.from_folder(tmp_path / "nowhere")
 
 
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "non-empty list"),
+    ("not a list", "messages must be"),
+    (({"role": "user", "content": "x"},), "messages must be"),                  # a tuple is not a list
+    (None, "messages must be"),
+    ([{"role": "user", "content": "x"}, "hi"], r"messages\[1\] must be a dict"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": None}],
+     r"messages\[2\]: 'content' must be a string, got None"),
+    ([{"role": "user"}], r"messages\[0\]: missing 'content'"),
+    ([{"content": "x"}], r"messages\[0\]: missing 'role'"),
+    ([{"role": "user", "content": "x"}, {"role": None, "content": "y"}], r"messages\[1\]: 'role' must be a string"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]: 'content' must be a string, got 3"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], r"messages\[0\]: 'content' must be a string"),
+])
+def test_chat_messages_are_validated_naming_the_index(tiny, messages, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.apply_chat_template(messages)
+
+
+def test_valid_chat_messages_with_extra_keys_render(tiny):
+    messages = [{"role": "system", "content": "", "name": "s"}, {"role": "user", "content": "Hi"}]
+    assert tiny.apply_chat_template(messages).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
 # Recorded from llama.cpp (llama-cpp-python 0.3.16, vocab_only=True, tokenize(add_bos=False, special=True)) on the
 # same GGUF. Beyond these, 320 random slices of topics.py (up to 200k chars) and 20,000 fuzzed strings of digits,
 # Unicode numbers, whitespace, contractions, emoji and special tokens matched llama.cpp exactly when checked.

@@ -1,10 +1,10 @@
-"""Serving benchmarks: ``python -m alise.bench {sim,serve,make-trace,split-trace,predictor-errors} ...``
+"""Serving benchmarks: ``python -m alise.bench {sim,serve,burst,make-trace,split-trace,predictor-errors} ...``
 
     python -m alise.bench sim --workload sharegpt --policies fcfs,alise,oracle --json out.json --plot out.png
     python -m alise.bench sim --workload mtbench --train history.jsonl --profile h100-13b --rates 1,2,4
     python -m alise.bench serve --workload mtbench --policies fcfs,alise --rates 0.5,1 --num-requests 24
     python -m alise.bench make-trace --out trace.jsonl        # runs the default model on the real prompts
-    python -m alise.bench split-trace --history 300 --history-out hist.jsonl --test-out test.jsonl
+    python -m alise.bench split-trace --test 100 --history-out hist.jsonl --test-out test.jsonl
     python -m alise.bench predictor-errors --trace trace.jsonl  # the real predictor's error, for length-only sims
 
 Metric (DESIGN.md, "Workloads"): normalized latency = mean over requests of end-to-end latency / output tokens
@@ -446,6 +446,114 @@ def cmd_serve(args) -> dict:
     return report
 
 
+# -- burst ----------------------------------------------------------------------------------------------------
+
+def burst_run(llm, trace: list[W.TraceRequest], max_tokens: int) -> list[dict]:
+    """Submit every request of ``trace`` at once, run until all finish; one record per request."""
+    from alise import SamplingParams
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    oracle = engine.config.scheduler == "oracle"
+    start = time.monotonic()
+    ids = [engine.add_request(t.prompt, params, arrival_time=start,
+                              true_output_len=min(t.output_len, max_tokens) if oracle else None) for t in trace]
+    while engine.has_unfinished():
+        engine.step()
+    records = []
+    for t, rid in zip(trace, ids):
+        out = engine.pop(rid)
+        m = out.metrics
+        records.append({"prompt_len": len(out.prompt_token_ids), "output_len": len(out.token_ids),
+                        "trace_output_len": min(t.output_len, max_tokens),
+                        "predicted_output_len": m.predicted_output_len,
+                        "completion": m.finish_time - m.arrival_time,
+                        "ttft": (m.first_token_time or m.finish_time) - m.arrival_time,
+                        "num_preemptions": m.num_preemptions, "recomputed_tokens": m.num_recomputed_tokens,
+                        "swapped_tokens": m.num_swapped_tokens})
+    return records
+
+
+def cmd_burst(args) -> dict:
+    """All requests at t=0 (the queueing case where shortest-first should win most): mean completion time per
+    policy on the same requests, ``--repeats`` times on disjoint samples of the workload."""
+    from alise import LLM
+    policies = _policies(args.policies)
+    pool = load_workload(args.workload, None, args.seed)
+    if not all(t.prompt for t in pool):
+        raise SystemExit("--workload: burst needs a trace with prompt text (e.g. the test part of split-trace)")
+    rng = random.Random(args.seed)
+    rng.shuffle(pool)
+    if len(pool) < args.num_requests:
+        raise SystemExit(f"--num-requests {args.num_requests}: the workload has only {len(pool)} requests")
+    engines = {}
+    for p in policies:
+        kw = dict(scheduler=p, max_num_seqs=args.max_num_seqs, seed=args.seed, dtype=args.dtype)
+        if args.train and p == "alise":
+            kw["predictor_history"] = args.train
+        engines[p] = LLM(args.model, **kw)
+    print(f"burst: {args.num_requests} requests at t=0, {args.max_num_seqs} seats, max_tokens {args.max_tokens}, "
+          f"dtype {engines[policies[0]].engine.dtype}, CPU {cpu_kind()}; {args.repeats} runs on disjoint samples "
+          f"of {args.workload}" + (f", predictor history {args.train}" if args.train else ""))
+    runs = []
+    for rep in range(args.repeats):
+        # disjoint samples while the pool lasts: the predictor learns online, so a request must not come back
+        lo = (rep * args.num_requests) % max(1, len(pool) - args.num_requests + 1)
+        sample = pool[lo:lo + args.num_requests]
+        run = {"repeat": rep, "policies": {}}
+        for p in policies:
+            recs = burst_run(engines[p], sample, args.max_tokens)
+            run["policies"][p] = {"mean_completion": float(np.mean([r["completion"] for r in recs])),
+                                  "requests": recs}
+        base = run["policies"].get("fcfs", {}).get("mean_completion")
+        line = f"run {rep}: " + ", ".join(
+            f"{p} {v['mean_completion']:.2f} s" + (f" ({v['mean_completion'] / base:.2f}x fcfs)" if base else "")
+            for p, v in run["policies"].items())
+        print(line, flush=True)
+        runs.append(run)
+    summary = {}
+    for p in policies:
+        vals = [r["policies"][p]["mean_completion"] for r in runs]
+        ratios = [r["policies"][p]["mean_completion"] / r["policies"]["fcfs"]["mean_completion"] for r in runs] \
+            if "fcfs" in policies else []
+        recs = [x for r in runs for x in r["policies"][p]["requests"]]
+        pred = [x["predicted_output_len"] for x in recs]
+        tau = None
+        if all(v is not None for v in pred):
+            from alise.bench.predictor import kendall_tau
+            tau = kendall_tau(pred, [x["output_len"] for x in recs])
+        summary[p] = {"median_mean_completion": float(np.median(vals)),
+                      "median_ratio_vs_fcfs": float(np.median(ratios)) if ratios else None,
+                      "max_ratio_vs_fcfs": float(max(ratios)) if ratios else None,
+                      "preemptions": sum(x["num_preemptions"] for x in recs),
+                      "recomputed_tokens": sum(x["recomputed_tokens"] for x in recs),
+                      "swapped_tokens": sum(x["swapped_tokens"] for x in recs), "prediction_kendall_tau": tau}
+    print(f"\n{'policy':<7} {'mean completion (median of runs)':>33} {'vs fcfs (median, max)':>22} "
+          f"{'preempt':>8} {'recomputed':>10} {'swapped':>8} {'tau':>6}")
+    for p, v in summary.items():
+        ratio = "-" if v["median_ratio_vs_fcfs"] is None else \
+            f"{v['median_ratio_vs_fcfs']:.2f}x, {v['max_ratio_vs_fcfs']:.2f}x"
+        tau = "-" if v["prediction_kendall_tau"] is None else f"{v['prediction_kendall_tau']:.2f}"
+        print(f"{p:<7} {v['median_mean_completion']:>31.2f} s {ratio:>22} {v['preemptions']:>8} "
+              f"{v['recomputed_tokens']:>10} {v['swapped_tokens']:>8} {tau:>6}")
+    report = {"kind": "burst", "workload": args.workload, "model": args.model, "num_requests": args.num_requests,
+              "max_num_seqs": args.max_num_seqs, "max_tokens": args.max_tokens, "cpu": cpu_kind(),
+              "dtype": engines[policies[0]].engine.dtype, "runs": runs, "summary": summary,
+              "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def cpu_kind() -> str:
+    """The CPU's vector capability as torch sees it, and whether it has native bf16 (speed figures depend on it)."""
+    import torch
+
+    from alise.engine import cpu_has_fast_bf16
+    return f"{torch.backends.cpu.get_cpu_capability()}{', bf16' if cpu_has_fast_bf16() else ', no bf16'}" + \
+        (", AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "")
+
+
 # -- make-trace, predictor-errors -------------------------------------------------------------------------
 
 def cmd_make_trace(args) -> None:
@@ -454,16 +562,43 @@ def cmd_make_trace(args) -> None:
 
 
 def cmd_split_trace(args) -> None:
-    """Shuffle a trace's lines (seeded) and write the first ``--history`` to one file, the rest to another: a
-    predictor history (``--train``) and a measured trace with no prompt in common with it."""
+    """Split a trace into a predictor history (``--train``) and a measured part that shares no conversation
+    with it (a grouped split): lines with the same prompt text or from the same conversation (``source``
+    "lmsys:<id>:<turn>" or "mtbench:<id>[:turn2]": later turns repeat the earlier ones) form one group. The
+    groups are shuffled (seeded); each goes to the test part if it still fits in ``--test`` distinct prompts,
+    else to the history. (The LMSYS demo conversations share first turns, so they form one large group that
+    lands in the history: the test part is then MT-Bench questions the predictor has not seen.)"""
     path = W.default_trace_path() if args.trace == "mtbench" else Path(args.trace)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not 0 < args.history < len(lines):
-        raise SystemExit(f"--history must be between 1 and {len(lines) - 1} (the trace has {len(lines)} lines)")
-    random.Random(args.seed).shuffle(lines)
-    for out, part in ((args.history_out, lines[:args.history]), (args.test_out, lines[args.history:])):
-        Path(out).write_text("\n".join(part) + "\n", encoding="utf-8")
-        print(f"wrote {len(part)} requests to {out}")
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:                 # union-find over prompt texts and conversation ids
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    prompt_lines: dict[str, list[str]] = {}
+    for line in lines:
+        rec = json.loads(line)
+        text, source = "text:" + (rec.get("prompt") or line), rec.get("source") or ""
+        prompt_lines.setdefault(text, []).append(line)
+        if source:                           # "lmsys:<conversation>:<turn>", "mtbench:<question>[:turn2]"
+            parent[root(text)] = root("conv:" + ":".join(source.split(":")[:2]))
+    groups: dict[str, list[str]] = {}
+    for text in prompt_lines:
+        groups.setdefault(root(text), []).append(text)
+    if not 0 < args.test < len(prompt_lines):
+        raise SystemExit(f"--test must be between 1 and {len(prompt_lines) - 1} (the trace has "
+                         f"{len(prompt_lines)} distinct prompts in {len(lines)} lines)")
+    order = list(groups.values())
+    random.Random(args.seed).shuffle(order)
+    history, test = [], []
+    for texts in order:
+        (test if len(test) + len(texts) <= args.test else history).extend(texts)
+    for out, part in ((args.history_out, history), (args.test_out, test)):
+        chosen = [line for t in part for line in (prompt_lines[t] if args.keep_repeats else prompt_lines[t][:1])]
+        Path(out).write_text("\n".join(chosen) + "\n", encoding="utf-8")
+        print(f"wrote {len(chosen)} requests ({len(part)} distinct prompts) to {out}")
 
 
 def cmd_predictor_errors(args) -> dict:
@@ -532,6 +667,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
     v.set_defaults(func=cmd_serve, num_requests=24, workload="mtbench")
 
+    b = sub.add_parser("burst", help="every request at t=0 on the real engine: mean completion per policy")
+    b.add_argument("--workload", required=True, help="a trace file with prompts (e.g. split-trace's test part)")
+    b.add_argument("--policies", default="fcfs,alise")
+    b.add_argument("--train", help="JSONL {prompt, output_len}: warms the alise predictor's store")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    b.add_argument("--num-requests", type=int, default=16)
+    b.add_argument("--max-num-seqs", type=int, default=4)
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3, help="runs, each on its own sample of the workload")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="write the report (every request's record) here")
+    b.set_defaults(func=cmd_burst)
+
     t = sub.add_parser("make-trace", help="run the default model on the real prompts; write their lengths")
     t.add_argument("--out", required=True)
     t.add_argument("--max-tokens", type=int, default=W.TRACE_MAX_TOKENS)
@@ -541,10 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("split-trace", help="split a trace into a predictor history and a measured part")
     x.add_argument("--trace", default="mtbench", help="mtbench (the default real-text trace) or a JSONL file")
-    x.add_argument("--history", type=int, required=True, help="requests that go to the history file")
+    x.add_argument("--test", type=int, required=True, help="distinct prompts (at most) held out for measuring")
     x.add_argument("--history-out", required=True)
     x.add_argument("--test-out", required=True)
     x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--keep-repeats", action="store_true",
+                   help="keep every line of a repeated prompt (default: one line per distinct prompt)")
     x.set_defaults(func=cmd_split_trace)
 
     e = sub.add_parser("predictor-errors", help="measure the real predictor's error (for length-only sims)")

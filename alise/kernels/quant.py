@@ -6,7 +6,7 @@ page dtype and stores them at ``slot_mapping[token]`` (slot -1: the program retu
 
 Formats (defined in ``reference.py``, reproduced here code for code):
 
-* bf16 / fp32: a cast.
+* bf16 / fp32: a cast (fp32 -> bf16 rounds to nearest even on the bits: ``fp32_to_bf16_rne``).
 * int8: symmetric, ``scale = absmax / 127`` (fp16), codes ``round(x / scale)`` in [-127, 127].
 * int4: rotate the head vector by the orthonormal Hadamard matrix, then asymmetric codes in [0, 15] with fp16
   (scale, offset) pairs: keys one pair per group of 32 rotated channels (2 for head_dim 64), values one pair per
@@ -82,6 +82,8 @@ KV_MODES = {"bf16": 0, "fp32": 0, "int8": 1, "int4": 2}   # plain ints for the l
 INT4_CENTER = tl.constexpr(8)   # the attention kernel reads int4 codes as u - 8 (-8..7)
 NIBBLE_BITS = tl.constexpr(4)   # int4 packing: byte = even | odd << 4
 NIBBLE_MASK = tl.constexpr(0xF)
+BF16_ROUND_BIAS = tl.constexpr(0x7FFF)   # fp32 -> bf16 round to nearest even: + 0x7FFF + lsb, keep the high half
+BF16_QUIET_NAN = tl.constexpr(0x7FC0)
 
 
 @triton.jit
@@ -102,6 +104,20 @@ def round_half_up(y):
 
 
 @triton.jit
+def fp32_to_bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest, ties to even, as torch's ``.to(torch.bfloat16)``, on the bits.
+
+    A plain cast is not enough: Triton's CPU interpreter (3.8/3.9) truncates fp32 -> bf16, leaving about half the
+    values one bf16 ulp off torch's. Overflow rounds to +-inf as in torch; NaN becomes the quiet NaN 0x7FC0 (the
+    rounding add could otherwise carry a NaN's mantissa into inf, or into the sign bit).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (BF16_ROUND_BIAS + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, BF16_QUIET_NAN, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE: tl.constexpr,
                     LOG2_D: tl.constexpr, GROUPS: tl.constexpr):
     """Quantize one head vector at ``src_ptr`` into ``dst_ptr`` (+ its scales at ``scale_ptr``); int4 stores one
@@ -109,7 +125,10 @@ def _quantize_store(src_ptr, dst_ptr, scale_ptr, HEAD_DIM: tl.constexpr, KV_MODE
     offs_d = tl.arange(0, HEAD_DIM)
     if KV_MODE == MODE_FLOAT:
         x = tl.load(src_ptr + offs_d)
-        tl.store(dst_ptr + offs_d, x.to(dst_ptr.dtype.element_ty))
+        if src_ptr.dtype.element_ty == tl.float32 and dst_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(dst_ptr + offs_d, fp32_to_bf16_rne(x))
+        else:
+            tl.store(dst_ptr + offs_d, x.to(dst_ptr.dtype.element_ty))
     elif KV_MODE == MODE_INT8:
         x = tl.load(src_ptr + offs_d).to(tl.float32)
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=0), tl.full((), INT8_MAX, tl.float32))   # IEEE, as torch

@@ -33,6 +33,8 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_recomputed_tokens: int = 0                 # KV dropped at preemption, to be computed again
+    num_swapped_tokens: int = 0                    # KV copied out to host swap space at preemption
     finish_reason: str | None = None               # "stop" | "length" | "abort"
     error: str | None = None                       # why the engine refused the request, if it did
     predicted_output_len: int | None = None        # the scheduler's current estimate of the total output length

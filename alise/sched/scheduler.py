@@ -143,10 +143,12 @@ class Scheduler:
         if (getattr(self.policy, "swap_preempted", False) and self.swap_space is not None
                 and num_tokens > 0 and self.swap_space.fits(num_tokens)):
             self.swap_space.take(num_tokens)
+            request.num_swapped_tokens += request.num_computed_tokens
             batch.swap_out.append((request, list(request.block_table)))
             request.swapped = True               # the executor puts the host copy in request.swapped_kv
             request.status = Status.PREEMPTED
         else:
+            request.num_recomputed_tokens += request.num_computed_tokens
             request.num_computed_tokens = 0
             request.status = Status.WAITING
         self.allocator.release(request)
