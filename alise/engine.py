@@ -224,8 +224,7 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[Request]:
-        now = time.monotonic()
-        batch = self.scheduler.schedule(now)
+        batch = self.scheduler.schedule()
         if not batch.requests and not batch.swap_out:
             return []
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Tokenizer: a ``tokenizers.Tokenizer`` plus the folder's chat template and special tokens.
 
 Works for any HF-style folder that holds ``tokenizer.json``; ``tokenizer_config.json`` (optional) supplies
-the chat template, the BOS/EOS tokens and ``add_bos_token``. Streaming output goes through
+the chat template, the special tokens and ``add_bos_token``. Encoding and chat templates follow transformers
+5's ``AutoTokenizer`` (tests/test_conformance.py compares them). Streaming output goes through
 ``IncrementalDecoder``, which turns token ids into text pieces without ever emitting half a character.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,7 +37,10 @@ class Tokenizer:
         self.inner = tokenizer
         self.config = dict(config or {})
         self._model_config = dict(model_config or {})
-        self.add_bos_token = bool(self.config.get("add_bos_token", False))
+        # BOS/EOS come from tokenizer.json's post-processor, as in transformers (Llama 2/3 and Mistral prepend BOS
+        # there). Only a tokenizer.json without one takes add_bos_token from tokenizer_config.json: alise's GGUF
+        # conversions state BOS that way (transformers 5 drops the key whenever there is a tokenizer.json).
+        self.add_bos_token = tokenizer.post_processor is None and bool(self.config.get("add_bos_token", False))
         self.chat_template = _pick_template(self.config.get("chat_template"))
         self.bos_token_id = self._special_id("bos_token", "bos_token_id", ())
         # Without a declared EOS, fall back to the usual end-of-turn / end-of-text tokens if the vocab has one.
@@ -51,9 +56,9 @@ class Tokenizer:
         if not path.is_file():
             raise ValueError(f"no tokenizer.json in {str(folder)!r}")
         config = _read_json(folder / "tokenizer_config.json")
-        # Newer HF folders keep the template in its own file.
+        # Newer HF folders keep the template in its own file, which wins over tokenizer_config's (transformers 5)
         template_file = folder / "chat_template.jinja"
-        if "chat_template" not in config and template_file.is_file():
+        if template_file.is_file():
             config["chat_template"] = template_file.read_text(encoding="utf-8")
         return cls(tokenizers.Tokenizer.from_file(str(path)), config, _read_json(folder / "config.json"))
 
@@ -67,16 +72,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) become their ids.
 
-        BOS is prepended only when tokenizer_config.json says ``add_bos_token``. The tokenizer.json's own
-        post-processor is bypassed so that BOS never appears twice.
+        ``add_special_tokens`` adds BOS/EOS as transformers does (tokenizer.json's post-processor; or BOS when
+        a tokenizer.json without one comes with ``add_bos_token``). Text that a chat template rendered holds
+        its own BOS: encode it with ``add_special_tokens=False``, as transformers' ``apply_chat_template`` does.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = self.inner.encode(text, add_special_tokens=False).ids
-        if self.add_bos_token:
+        ids = self.inner.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token:
             ids.insert(0, self.bos_token_id)
         return ids
 
@@ -86,18 +92,19 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the folder's chat template.
 
-        Uses jinja2's immutable sandbox with HF's options (trim_blocks, lstrip_blocks) so templates written
-        for HF render the same here. Falls back to ChatML when the folder has no template. Extra keyword
-        arguments are passed to the template.
+        Uses jinja2's immutable sandbox with transformers' options, filters and globals, and the same
+        variables: the special tokens tokenizer_config.json names, ``tools`` and ``documents`` (None), extra
+        keyword arguments over those. Falls back to ChatML when the folder has no template.
         """
         _check_messages(messages)
-        return self._compiled_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(self.bos_token_id),
-            eos_token=self._token_text(self.eos_token_id),
-            **kwargs,
-        )
+        named = {name: _token_content(self.config.get(name)) for name in _SPECIAL_TOKENS}
+        variables = {name: text for name, text in named.items() if text is not None}
+        # a BOS/EOS that tokenizer_config.json leaves unnamed renders as the token alise uses (transformers: "")
+        variables |= {"bos_token": self._token_text(self.bos_token_id),
+                      "eos_token": self._token_text(self.eos_token_id)}
+        variables |= {"tools": None, "documents": None} | kwargs
+        return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **variables)
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -111,16 +118,16 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)   # Llama 3.1's date line
         return env.from_string(self.chat_template or CHATML_TEMPLATE)
 
     def _special_id(self, token_key: str, id_key: str, fallbacks: tuple[str, ...]) -> int | None:
         """Id of a special token: tokenizer_config's token string, else config.json's id, else a fallback."""
-        token = self.config.get(token_key)
-        if isinstance(token, dict):         # HF sometimes stores {"content": "<s>", ...}
-            token = token.get("content")
-        if isinstance(token, str):
+        token = _token_content(self.config.get(token_key))
+        if token is not None:
             idx = self.inner.token_to_id(token)
             if idx is None:
                 raise ValueError(f"tokenizer_config.json names {token_key} {token!r}, which is not in the vocabulary")
@@ -137,6 +144,16 @@ class Tokenizer:
 
     def _token_text(self, idx: int | None) -> str:
         return "" if idx is None else (self.inner.id_to_token(idx) or "")
+
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the tokens a chat template sees by name
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_content(token: Any) -> str | None:
+    """A special token's text from tokenizer_config.json, which sometimes stores {"content": "<s>", ...}."""
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
 
 
 def _check_messages(messages: Any) -> None:

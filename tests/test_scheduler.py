@@ -31,7 +31,7 @@ def drive(scheduler: Scheduler, requests: list[Request], cost: CostModel = UNIT_
     while (pending or scheduler.has_unfinished()) and now < horizon:
         while pending and pending[0].arrival_time <= now:
             scheduler.add(pending.pop(0))
-        batch = scheduler.schedule(now)
+        batch = scheduler.schedule()
         if check:
             check(scheduler, batch)
         if not batch.requests:
@@ -123,39 +123,46 @@ def test_newcomer_preempts_only_when_clearly_shorter():
     scheduler = make_scheduler(policy, max_num_seqs=1)
     scheduler.add(running)
     for _ in range(5):                      # prefill + 4 decodes: 96 tokens left
-        batch = scheduler.schedule(0.0)
+        batch = scheduler.schedule()
         for r, n in zip(batch.requests, batch.num_new_tokens):
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.num_tokens:
                 r.output_token_ids.append(0)
     scheduler.add(make_request(1, 4, 60, 0.0))   # shorter, but not half: no preemption
-    assert scheduler.schedule(0.0).requests == [running]
+    assert scheduler.schedule().requests == [running]
     scheduler.add(make_request(2, 4, 40, 0.0))   # less than half of 96: takes the seat
-    batch = scheduler.schedule(0.0)
+    batch = scheduler.schedule()
     assert [r.request_id for r in batch.requests] == ["2"] and running.status is Status.PREEMPTED
     assert running.block_table, "a preempted request keeps its KV in the pool until memory is needed"
 
 
-def starvation_run(max_slowdown: float, horizon: float) -> tuple[Request, float]:
-    """One long request at t=0 and a steady, slightly overloading stream of short ones."""
+def starvation_run(max_slowdown: float, horizon: float) -> tuple[Request, int, int]:
+    """One long request at t=0 and a steady, slightly overloading stream of short ones, one seat.
+    Returns the long request, the step it finished at, and policy.py's bound on that step."""
     long_len, short_len, gap = 200, 10, 0.009
     policy = SpeculativePolicy(cost=UNIT_COST, use_true_lengths=True, max_slowdown=max_slowdown)
     shorts = [make_request(i + 1, 2, short_len, i * gap) for i in range(int(horizon / gap))]
     long = make_request(0, 2, long_len, 0.0)
-    drive(make_scheduler(policy, max_num_seqs=1, max_tokens=8), [long] + shorts, horizon=horizon)
-    # policy.py's bound: its deadline, plus the work of requests with earlier deadlines (at most all the
-    # work that arrived before its deadline), plus its own service time
-    service = UNIT_COST.request_time(2, 0, long_len)
-    deadline = max_slowdown * service
-    earlier_work = sum(UNIT_COST.request_time(2, 0, short_len) + 2e-5 for r in shorts if r.arrival_time < deadline)
-    return long, max(deadline, earlier_work) + service
+    scheduler = make_scheduler(policy, max_num_seqs=1, max_tokens=8)
+    finished_at, finish = {}, scheduler.finish
+
+    def finish_and_record(r: Request) -> None:
+        finished_at[r.request_id] = scheduler.num_steps
+        finish(r)
+    scheduler.finish = finish_and_record
+    drive(scheduler, [long] + shorts, horizon=horizon)
+    # policy.py's bound, in steps (one token a step with one seat): its deadline, plus the steps of requests
+    # with earlier deadlines, plus its own service
+    deadline = max_slowdown * (1 + long_len)
+    earlier = sum(short_len for r in shorts if r.deadline_step is not None and r.deadline_step < deadline)
+    return long, finished_at.get("0"), max(deadline, earlier) + long_len
 
 
 def test_long_request_does_not_starve_under_a_stream_of_short_ones():
-    long, bound = starvation_run(max_slowdown=10.0, horizon=8.0)
-    assert long.is_finished and long.finish_time <= bound * 1.02
+    long, finished_step, bound = starvation_run(max_slowdown=10.0, horizon=8.0)
+    assert long.is_finished and finished_step <= bound
     # the bound is not vacuous: without the rule, the long request is still waiting at the horizon
-    starved, _ = starvation_run(max_slowdown=float("inf"), horizon=8.0)
+    starved, _, _ = starvation_run(max_slowdown=float("inf"), horizon=8.0)
     assert not starved.is_finished and starved.num_output_tokens == 0
 
 

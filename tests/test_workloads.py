@@ -108,15 +108,29 @@ def test_real_conversations():
 
 
 def test_split_trace_cli_writes_disjoint_parts(tmp_path):
+    """Grouped: repeats of a prompt and every turn of one conversation land on the same side."""
     from alise.bench.__main__ import main
     trace = tmp_path / "trace.jsonl"
-    rows = [json.dumps({"prompt": f"question {i}", "prompt_len": 3, "output_len": i + 1}) for i in range(10)]
+    rows = [json.dumps({"prompt": f"question {i}", "prompt_len": 3, "output_len": i + 1, "source": f"mtbench:{i}"})
+            for i in range(10)]
+    # conversation 7's second turn and a repeat of question 3 under another source
+    rows += [json.dumps({"prompt": "question 7 ... turn two", "prompt_len": 5, "output_len": 2,
+                         "source": "mtbench:7:turn2"}),
+             json.dumps({"prompt": "question 3", "prompt_len": 3, "output_len": 4, "source": "lmsys:x:0"})]
     trace.write_text("\n".join(rows) + "\n")
     hist, test = tmp_path / "hist.jsonl", tmp_path / "test.jsonl"
-    main(["split-trace", "--trace", str(trace), "--history", "4", "--history-out", str(hist), "--test-out", str(test)])
-    h, t = hist.read_text().splitlines(), test.read_text().splitlines()
-    assert len(h) == 4 and len(t) == 6 and sorted(h + t) == sorted(rows) and not set(h) & set(t)
+    for seed in range(4):
+        main(["split-trace", "--trace", str(trace), "--test", "5", "--history-out", str(hist), "--test-out",
+              str(test), "--seed", str(seed), "--keep-repeats"])
+        h, t = hist.read_text().splitlines(), test.read_text().splitlines()
+        assert len(t) <= 6 and sorted(h + t) == sorted(rows) and not set(h) & set(t)
+        test_prompts = {json.loads(line)["prompt"] for line in t}
+        assert test_prompts.isdisjoint(json.loads(line)["prompt"] for line in h)
+        assert ("question 7" in test_prompts) == ("question 7 ... turn two" in test_prompts)
     assert [r.output_len for r in W.load_trace(test)] == [json.loads(line)["output_len"] for line in t]
-    with pytest.raises(SystemExit, match="--history"):
-        main(["split-trace", "--trace", str(trace), "--history", "10", "--history-out", str(hist),
+    main(["split-trace", "--trace", str(trace), "--test", "5", "--history-out", str(hist), "--test-out", str(test)])
+    prompts = [json.loads(line)["prompt"] for line in hist.read_text().splitlines() + test.read_text().splitlines()]
+    assert len(prompts) == len(set(prompts)) == 11       # without --keep-repeats: one line per distinct prompt
+    with pytest.raises(SystemExit, match="--test"):
+        main(["split-trace", "--trace", str(trace), "--test", "11", "--history-out", str(hist),
               "--test-out", str(test)])

@@ -333,33 +333,31 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
             # text goes in as text (the engine tokenizes it as make-trace did, and the predictor reads it)
             vocab = engine.model.config.vocab_size
             prompt = t.prompt if t.prompt else [3 + (7 * j) % (vocab - 3) for j in range(t.prompt_len)]
-            rid = engine.add_request(prompt, params, arrival_time=start + t.arrival)
-            engine.requests[rid].true_output_len = t.output_len     # for the oracle policy
+            rid = engine.add_request(prompt, params, arrival_time=start + t.arrival,
+                                     true_output_len=t.output_len if policy == "oracle" else None)
             ids[i] = rid
             nxt += 1
             if nxt == len(order):       # the last arrival: output tokens still to generate, as in the simulator
-                left = sum(timed[j].output_len - engine.requests[r].num_output_tokens for j, r in ids.items()
-                           if not engine.requests[r].is_finished)
+                left = sum(timed[j].output_len - len(engine.output(r).token_ids) for j, r in ids.items()
+                           if not engine.is_finished(r))
                 backlog = left / sum(t.output_len for t in timed)
         if engine.has_unfinished():
             engine.step()
         elif nxt < len(order):
             time.sleep(max(0.0, timed[order[nxt]].arrival - (time.monotonic() - start)))
         if progress is not None:
-            progress.update(sum(engine.requests[r].is_finished for r in ids.values()) - progress.n)
-    reqs = [engine.requests[ids[i]] for i in range(len(timed))]
-    lat = np.array([r.finish_time - r.arrival_time for r in reqs])
-    out = np.array([max(1, r.num_output_tokens) for r in reqs])
-    ttft = np.array([(r.first_token_time or r.finish_time) - r.arrival_time for r in reqs])
-    span = max(r.finish_time for r in reqs) - start
+            progress.update(sum(engine.is_finished(r) for r in ids.values()) - progress.n)
+    outs = [engine.pop(ids[i]) for i in range(len(timed))]
+    lat = np.array([o.metrics.finish_time - o.metrics.arrival_time for o in outs])
+    out = np.array([max(1, len(o.token_ids)) for o in outs])
+    ttft = np.array([(o.metrics.first_token_time or o.metrics.finish_time) - o.metrics.arrival_time for o in outs])
+    span = max(o.metrics.finish_time for o in outs) - start
     m = {"policy": policy, "rate": rate, "normalized_latency": float(np.mean(lat / out)),
          "mean_latency": float(lat.mean()), "p50_latency": float(np.percentile(lat, 50)),
          "p99_latency": float(np.percentile(lat, 99)), "ttft": float(ttft.mean()),
-         "tokens_per_s": float(out.sum() / span), "requests_per_s": len(reqs) / span, "num_requests": len(reqs),
+         "tokens_per_s": float(out.sum() / span), "requests_per_s": len(outs) / span, "num_requests": len(outs),
          "backlog_fraction": backlog,
-         "num_preemptions": int(sum(r.num_preemptions for r in reqs)), "output_lens": out.tolist()}
-    for rid in ids.values():
-        del engine.requests[rid]
+         "num_preemptions": int(sum(o.metrics.num_preemptions for o in outs)), "output_lens": out.tolist()}
     return m
 
 

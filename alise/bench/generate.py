@@ -113,9 +113,9 @@ class StepTimer:
             finally:
                 self.attn += time.perf_counter() - t
 
-        def schedule(now):
+        def schedule():
             t = time.perf_counter()
-            batch = self._orig_schedule(now)
+            batch = self._orig_schedule()
             self.sched = time.perf_counter() - t
             self.last_batch = batch
             return batch
@@ -162,9 +162,7 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
         while engine.has_unfinished():
             steps.append(timer.step())
     wall = time.perf_counter() - start
-    outs = [engine.output(i) for i in ids]
-    for i in ids:
-        del engine.requests[i]
+    outs = [engine.pop(i) for i in ids]
     assert all(len(o.token_ids) == output_tokens for o in outs)
     decode = [s for s in steps if s["decode_only"] and not s["compiled_now"]]   # (compiling: a minute)
     dt = sum(s["total"] for s in decode)
@@ -233,12 +231,11 @@ def bench_scheduler(policy_name: str, num_requests: int, steps: int, seed: int =
         r.true_output_len = out_len
         r.predicted_output_len = max(1, int(out_len * rng.uniform(0.5, 1.5)))
         scheduler.add(r)
-    times, now = [], num_requests * 1e-3
+    times = []
     for _ in range(steps):
         t = time.perf_counter()
-        batch = scheduler.schedule(now)
+        batch = scheduler.schedule()
         times.append(time.perf_counter() - t)
-        now += 0.02
         for r, n in zip(batch.requests, batch.num_new_tokens):   # the fake executor
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.num_tokens:

@@ -6,7 +6,7 @@ What is real here, and shared with the engine: ``Scheduler``, ``BlockAllocator``
 
 1. requests whose arrival time has come are added between steps (``predicted_output_len`` is set at arrival
    by the predictor, as ``add_request`` does; a prompt the engine would refuse is an error here);
-2. ``scheduler.schedule(now)`` picks the step;
+2. ``scheduler.schedule()`` picks the step;
 3. the executor is the clock: the step takes ``CostModel.step_time(num_prefill_tokens, num_decode_seqs,
    context)`` (context = the batch's cached tokens before the step, as ``engine._record_step`` measures it)
    plus the swap traffic (blocks swapped out or in x block size x bytes per swapped token / swap bandwidth);
@@ -541,7 +541,7 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
         if done_sum + now * inv_out_sum - arr_over_out_sum > bound_sum:
             saturated = True
             break
-        batch = sched.schedule(now)
+        batch = sched.schedule()
         if not batch.requests and not batch.swap_out:
             if nxt < n:              # nothing runnable (should not happen with work queued): wait for arrivals
                 now = max(now, trace[order[nxt]].arrival)

@@ -7,9 +7,9 @@ times both give for small batches):
                 + context_token * total_context_tokens
 
 The four coefficients are fitted by least squares to step times the engine measured (``fit``), or set from
-a roofline profile in the simulator. A request's estimated remaining execution time is what it adds to the
-steps it takes part in: its pending prefill tokens, then one decode per predicted remaining output token over
-a growing context.
+a roofline profile in the simulator. The speculative policy (``policy.py``) turns them into a request's
+estimated remaining execution time: its pending prefill tokens, then one whole step per predicted remaining
+output token over a growing context.
 """
 from __future__ import annotations
 
@@ -30,12 +30,6 @@ class CostModel:
     def step_time(self, num_prefill_tokens: int, num_decode_seqs: int, total_context_tokens: int) -> float:
         return (self.overhead + self.prefill_token * num_prefill_tokens + self.decode_seq * num_decode_seqs
                 + self.context_token * total_context_tokens)
-
-    def request_time(self, pending_tokens: int, context_len: int, remaining_output: int) -> float:
-        """Work one request still brings: its prefill, then ``remaining_output`` decodes as its context grows."""
-        prefill = self.prefill_token * pending_tokens if pending_tokens > 1 else 0.0
-        mean_context = context_len + pending_tokens + remaining_output / 2
-        return prefill + remaining_output * (self.decode_seq + self.context_token * mean_context)
 
     @classmethod
     def fit(cls, samples: list[tuple[int, int, int, float]]) -> "CostModel":

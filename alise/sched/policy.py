@@ -8,7 +8,7 @@ worst ranked. A policy is therefore just the key:
   earlier), and under memory pressure the most recently arrived request is preempted.
 * ``alise``: speculative shortest-remaining-time-first (ALISE, Zhao & Wang 2024). The key is the request's
   estimated remaining execution time: the cost model (``cost.py``) applied to its pending prefill and its
-  *predicted* remaining output (``predictor.py``).
+  *predicted* remaining output (``predictor.py``), each output token costing one whole step.
 * ``oracle``: the same with the true output lengths (``Request.true_output_len``): the bound a perfect
   predictor would reach.
 
@@ -16,13 +16,17 @@ Two rules of our own, where the paper is silent:
 
 * **No thrashing.** A running request's key is divided by ``preempt_margin`` (2): a newcomer takes its seat
   only when its estimated work is less than half of the running request's remaining work.
-* **No starvation (relative aging).** A request is *overdue* once its time in the system exceeds
-  ``max_slowdown`` (10) times its own estimated service time ``T`` (the cost model's time for its whole
-  prompt and predicted output, alone). Overdue requests rank before all others, earliest deadline
-  (``arrival + max_slowdown * T``) first. Aging is thus relative to each request's own length: a short request
-  is promoted after a short wait, a long one after a long one, and the order among overdue requests is
-  static, so they never preempt each other back and forth. The bound: a request finishes by its deadline plus
-  the remaining work of requests with earlier deadlines plus its own service time (tested in
+* **No starvation (relative aging, counted in steps).** A request is *overdue* once it has been in the system
+  for more than ``max_slowdown`` (10) times its own service in engine steps, ``1 + L`` for a prediction of
+  ``L`` output tokens made at arrival (a prefill step, then one decode step a token). Overdue requests rank
+  before all others, earliest deadline (``arrival_step + max_slowdown * (1 + L)``) first. Aging is thus
+  relative to each request's own length (a short request is promoted after a short wait, a long one after a
+  long one), and the deadline is fixed at arrival, so the order among overdue requests never changes and they
+  never preempt each other back and forth. Counting steps rather than seconds makes the rule independent of
+  the machine's speed and of the cost model: with wall-clock deadlines, the defaults before the first fit (a
+  CPU step takes ~10x the default cost) made every request overdue at once, and each refit then moved
+  deadlines and reshuffled the queue (``bench burst`` on an AVX2 CPU). The bound: a request finishes by its
+  deadline plus the remaining steps of requests with earlier deadlines plus its own service (tested in
   ``tests/test_scheduler.py`` under a stream of short requests). Without it, shortest-first starves a long
   request whenever shorter work keeps arriving (also tested). Aging by waiting time divided by service time
   inside the key (``T / (1 + t_wait / T)``, HRRN-like) does not bound it under overload: the queued short
@@ -43,7 +47,7 @@ class FCFSPolicy:
     name = "fcfs"
     swap_preempted = False  # vLLM's default: preemption drops the KV and recomputes it later
 
-    def rank_key(self, request: Request, now: float) -> tuple:
+    def rank_key(self, request: Request, step: int) -> tuple:
         return (request.arrival_time, request.request_id)
 
 
@@ -61,25 +65,26 @@ class SpeculativePolicy:
     def name(self) -> str:
         return "oracle" if self.use_true_lengths else "alise"
 
-    def rank_key(self, request: Request, now: float) -> tuple:
-        # called for every queued request at every step: plain arithmetic, no helper calls (cost.request_time
-        # written out twice: for the whole request, and for what remains of it)
-        c = self.cost
-        prompt_len, done = len(request.prompt_token_ids), len(request.output_token_ids)
+    def rank_key(self, request: Request, step: int) -> tuple:
+        """``step``: the scheduler's step counter (``Request.arrival_step`` is on the same count)."""
+        # called for every queued request at every step: plain arithmetic, no helper calls
+        done = len(request.output_token_ids)
         if self.use_true_lengths and request.true_output_len is not None:
-            left = max(request.true_output_len - done, 1)
+            total = request.true_output_len
         else:
-            left = max((request.predicted_output_len or request.params.max_tokens) - done, 1)
-        total = done + left
-        # its latency alone, per-step overhead included (on a GPU the overhead is most of a decode step)
-        service = c.prefill_token * prompt_len + total * (
-            c.overhead + c.decode_seq + c.context_token * (prompt_len + total / 2))
-        deadline = request.arrival_time + self.max_slowdown * service
-        if now >= deadline:                      # overdue: ahead of everyone, earliest deadline first
-            return (0, deadline, request.request_id)
-        pending = prompt_len + done - request.num_computed_tokens
+            total = request.predicted_output_len or request.params.max_tokens
+        if request.deadline_step is None:        # fixed at arrival, from the prediction made then
+            request.deadline_step = request.arrival_step + self.max_slowdown * (1 + total)
+        if step >= request.deadline_step:        # overdue: ahead of everyone, earliest deadline first
+            return (0, request.deadline_step, request.arrival_time, request.request_id)
+        c = self.cost
+        left = max(total - done, 1)
+        pending = len(request.prompt_token_ids) + done - request.num_computed_tokens
+        # each remaining token costs the request a whole step, overhead included: a fit cannot tell overhead
+        # from decode_seq when every step decodes the same number of sequences (a full batch), and ranking by
+        # decode_seq alone then collapsed to ranking by prompt length (measured: bench burst, tests/test_burst.py)
         remaining = (c.prefill_token * pending if pending > 1 else 0.0) + left * (
-            c.decode_seq + c.context_token * (request.num_computed_tokens + pending + left / 2))
+            c.overhead + c.decode_seq + c.context_token * (request.num_computed_tokens + pending + left / 2))
         if request.status is RUNNING:
             remaining /= self.preempt_margin
         return (1, remaining, request.arrival_time, request.request_id)

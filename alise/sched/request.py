@@ -39,6 +39,8 @@ class Request:
     error: str | None = None                       # why the engine refused the request, if it did
     predicted_output_len: int | None = None        # the scheduler's current estimate of the total output length
     true_output_len: int | None = None             # known only to the oracle policy (and the simulator)
+    arrival_step: int = 0                          # the scheduler's step count when the request was added
+    deadline_step: float | None = None             # the speculative policy's aging deadline (policy.py)
     prompt_logprobs: list[float | None] | None = None
     generator: torch.Generator | None = None
 

@@ -51,18 +51,20 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting: list[Request] = []   # WAITING (no KV) and PREEMPTED (KV in the pool or swapped out)
         self._evicted: set[int] = set()
+        self.num_steps = 0                 # steps scheduled so far: the clock the policy ages requests on
 
     def add(self, request: Request) -> None:
+        request.arrival_step = self.num_steps
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def schedule(self, now: float) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         candidates = self.running + self.waiting
         rank_key = self.policy.rank_key
-        key_list = [rank_key(r, now) for r in candidates]
+        key_list = [rank_key(r, self.num_steps) for r in candidates]
         keys = dict(zip(map(id, candidates), key_list))
         seated = [candidates[i] for _, i in heapq.nsmallest(self.max_num_seqs, zip(key_list, range(len(candidates))))]
         seated_ids = {id(r) for r in seated}
@@ -99,6 +101,8 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             in_step.add(id(r))
             budget -= num_new
+        if batch.requests:
+            self.num_steps += 1
         running = Status.RUNNING               # (a local: enum attribute lookups are slow in a 4096-long loop)
         self.running, self.waiting = [], []
         for r in candidates:
