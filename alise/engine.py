@@ -395,7 +395,8 @@ class LLM:
         prompts = []
         for i, conversation in enumerate(conversations):
             try:
-                prompts.append(self.tokenizer.encode(self.tokenizer.apply_chat_template(conversation)))
+                text = self.tokenizer.apply_chat_template(conversation)     # holds its own BOS, if any
+                prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
             except ValueError as e:
                 raise ValueError(str(e) if single else f"messages[{i}]: {e}") from None
         outputs = self.generate(prompts, params)

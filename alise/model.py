@@ -30,10 +30,9 @@ from alise import kernels
 
 # config.json keys that each architecture's transformers class reads, with transformers' default for a key the file
 # leaves out (_REQUIRED keys must be there; head_dim / num_key_value_heads None: derived from the head count).
-# ``from_json`` refuses every
-# key that is neither here nor in IGNORED_KEYS: alise cannot know that an unknown key leaves the math alone, and a
-# key alise read past would load a model that computes something else (the sliding windows and 5.x rope layout
-# that went unread before these tables).
+# ``from_json`` refuses every key that is in none of these tables: alise cannot know that an unknown key leaves
+# the math alone, and a key read past loads a model that computes something else (as the sliding windows and the
+# 5.x rope layout did before these tables).
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _COMMON = dict.fromkeys(_REQUIRED) | {
     "head_dim": None, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
@@ -46,8 +45,7 @@ _QWEN2 = _COMMON | {"max_position_embeddings": 32768, "num_key_value_heads": 32,
 ARCHITECTURES = {
     # attention_bias: q, k, v and o projections; mlp_bias: gate, up and down
     "LlamaForCausalLM": _COMMON | {"max_position_embeddings": 2048, "num_key_value_heads": None,
-                                   "attention_bias": False, "mlp_bias": False,
-                                   "rope_interleaved": False},   # nanotron's exports (SmolLM2) say false
+                                   "attention_bias": False, "mlp_bias": False},
     "MistralForCausalLM": _COMMON | {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8,
                                      "sliding_window": 4096},
     "Qwen2ForCausalLM": _QWEN2,                                   # q, k, v biases always, none elsewhere
@@ -60,6 +58,9 @@ IGNORED_KEYS = frozenset("""
     pad_token_id attention_dropout pretraining_tp output_attentions output_hidden_states return_dict id2label
     label2id problem_type chunk_size_feed_forward is_encoder_decoder tokenizer_class is_llama_config
 """.split())
+# Keys transformers does not read either, which some files carry with these values (nanotron's SmolLM2 exports,
+# DeepSeek's Qwen2 distills); any other value would mean a layout alise does not implement
+NEUTRAL_KEYS = {"rope_interleaved": False, "use_mrope": False}
 # rope_type -> (parameters it needs, parameters it may have) besides rope_theta, as transformers'
 # modeling_rope_utils reads them. "dynamic" NTK is refused: its frequencies change with the batch's length.
 ROPE_TYPES = {
@@ -108,7 +109,7 @@ class LlamaConfig:
             raise ValueError(f"unsupported architecture {arch!r} in {path}; alise loads {tuple(ARCHITECTURES)}")
         known = ARCHITECTURES[arch]
         for key, value in raw.items():
-            if key not in known and key not in IGNORED_KEYS:
+            if key not in known and key not in IGNORED_KEYS and key not in NEUTRAL_KEYS:
                 raise ValueError(f"{path}: alise does not know config key {key!r} (= {value!r:.80}) for {arch}, "
                                  "so it cannot tell whether the key changes the model; refusing to load it")
         missing = [key for key in _REQUIRED if key not in raw]
@@ -121,8 +122,9 @@ class LlamaConfig:
 
         if c["hidden_act"] not in ACTIVATIONS:
             raise refuse(f"unsupported hidden_act={c['hidden_act']!r}; alise implements {tuple(ACTIVATIONS)}")
-        if c.get("rope_interleaved"):
-            raise refuse("unsupported rope_interleaved=True; alise implements HF's rotate-half RoPE")
+        for key, neutral in NEUTRAL_KEYS.items():
+            if raw.get(key, neutral) != neutral:
+                raise refuse(f"unsupported {key}={raw[key]!r}; alise implements only {key}={neutral!r}")
         theta, scaling = _rope(c, refuse)
         window = _sliding_window(arch, c, refuse)
         max_positions = c["max_position_embeddings"]

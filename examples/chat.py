@@ -53,7 +53,7 @@ def main() -> None:
 
     def answer(message: str) -> None:
         history.append({"role": "user", "content": message})
-        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history))
+        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_special_tokens=False)
         stream, parts, first, interrupted = llm.stream(prompt, params), [], None, False
         with StopOnCtrlC() as ctrl_c:
             try:
@@ -72,7 +72,7 @@ def main() -> None:
         if interrupted:
             print("\n[interrupted]", file=sys.stderr)
             return
-        n = len(llm.tokenizer.encode("".join(parts)))
+        n = len(llm.tokenizer.encode("".join(parts), add_special_tokens=False))
         # the first token came with the prompt's processing; the other n - 1 were decoded after it
         rate = f", {(n - 1) / (end - first):.1f} decode tokens/s" if n > 1 and end > first else ""
         print(f"\n[{n} tokens{rate}]", file=sys.stderr)

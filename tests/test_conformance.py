@@ -225,6 +225,7 @@ REFUSALS = {
                             "full_attention"),
     "hidden-act": ("llama", {"hidden_act": "relu2"}, "hidden_act='relu2'"),
     "rope-interleaved": ("llama", {"rope_interleaved": True}, "rope_interleaved=True"),
+    "mrope": ("qwen2", {"use_mrope": True}, "use_mrope=True"),
     "unknown-key": ("llama", {"quantization_config": {"quant_method": "gptq"}}, "'quantization_config'"),
     "mistral-layer-types": ("mistral", {"layer_types": ["sliding_attention"] * 2}, "'layer_types'"),
     "mistral-attention-bias": ("mistral", {"attention_bias": True}, "'attention_bias'"),
@@ -245,10 +246,12 @@ def test_refuses_unsupported_config_by_name(name, tmp_path):
 
 
 def test_every_saved_config_loads(tmp_path):
-    """What transformers writes for each architecture (its defaults included) is all understood."""
+    """What transformers writes for each architecture (its defaults included) is all understood, and so are
+    keys that no transformers class reads, with their neutral values."""
     for arch in CLASSES:
         (tmp_path / arch).mkdir()
-        saved_config(tmp_path / arch, arch)
+        config = saved_config(tmp_path / arch, arch) | {"rope_interleaved": False, "use_mrope": False}
+        (tmp_path / arch / "config.json").write_text(json.dumps(config))
         LlamaConfig.from_json(tmp_path / arch / "config.json")
 
 

@@ -253,7 +253,7 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
         while queue or inflight:
             while queue and len(inflight) < max_num_seqs:
                 text = queue.pop(0)
-                inflight[engine.add_request(tok.encode(text), params)] = text
+                inflight[engine.add_request(tok.encode(text, add_special_tokens=False), params)] = text
             engine.step()
             for rid in [rid for rid in inflight if engine.is_finished(rid)]:
                 text, r = inflight.pop(rid), engine.pop(rid)
