@@ -38,6 +38,7 @@ class RequestMetrics:
     finish_time: float | None
     num_preemptions: int
     predicted_output_len: int | None
+    predicted_output_len_at_arrival: int | None = None   # predicted_output_len is the latest re-estimate
     num_recomputed_tokens: int = 0     # KV dropped at preemptions and computed again
     num_swapped_tokens: int = 0        # KV copied to host swap space at preemptions
 
@@ -174,6 +175,7 @@ class LLMEngine:
         if self.predictor is not None:
             request.predicted_output_len = self.predictor.predict(text if text is not None else token_ids,
                                                                   max_tokens=params.max_tokens)
+            request.arrival_predicted_output_len = request.predicted_output_len
         self.scheduler.add(request)
         return request_id
 
@@ -296,7 +298,8 @@ class LLMEngine:
             request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, token_ids=list(r.output_token_ids),
             text=self.tokenizer.decode(r.output_token_ids), finished=r.is_finished, finish_reason=r.finish_reason,
             metrics=RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions,
-                                   r.predicted_output_len, r.num_recomputed_tokens, r.num_swapped_tokens),
+                                   r.predicted_output_len, r.arrival_predicted_output_len, r.num_recomputed_tokens,
+                                   r.num_swapped_tokens),
             prompt_logprobs=r.prompt_logprobs, error=r.error)
 
 

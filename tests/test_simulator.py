@@ -269,3 +269,35 @@ def test_backlog_fraction_tells_overload():
     light = S.simulate(with_arrivals(trace, 0.01, seed=0), "fcfs", p)   # this cost model is slow: ~0.1 req/s
     heavy = S.simulate(with_arrivals(trace, 50.0, seed=0), "fcfs", p)
     assert light.backlog_fraction < 0.05 and heavy.backlog_fraction > 0.5
+
+
+def test_benchmarks_do_not_leak_true_lengths_to_the_predictor(tiny_model_dir):
+    """serve and burst fix each request's work through max_tokens = its true length; the predictor must still
+    be clamped at the workload's cap (before, every ALISE prediction was capped at the true length)."""
+    from alise import LLM
+    from alise.bench.__main__ import burst_run, serve_run
+
+    class Recorder:
+        def __init__(self):
+            self.caps = []
+
+        def predict(self, prompt, max_tokens=None):
+            self.caps.append(max_tokens)
+            return 1
+
+        def predict_remaining(self, prompt, generated, max_tokens=None):
+            self.caps.append(max_tokens)
+            return 1
+
+        def observe(self, prompt, output_len):
+            pass
+    llm = LLM(str(tiny_model_dir), scheduler="alise", predictor="model", max_num_seqs=2, dtype="float32",
+              kv_cache_blocks=64)
+    recorder = llm.engine.predictor = Recorder()
+    trace = [TraceRequest(5, 3, prompt="a b c", max_tokens=40), TraceRequest(8, 6, prompt="d e f", max_tokens=40)]
+    m = serve_run(llm, trace, rate=50.0, seed=0, policy="alise")
+    assert m["output_lens"] == [3, 6] and recorder.caps and set(recorder.caps) == {40}
+    recorder.caps.clear()
+    records = burst_run(llm, trace, max_tokens=30)
+    assert [r["output_len"] for r in records] == [3, 6] and set(recorder.caps) == {30}
+    assert llm.engine.predictor is recorder and not llm.engine.requests

@@ -315,21 +315,52 @@ def _write(report: dict, args) -> None:
 
 # -- serve ----------------------------------------------------------------------------------------------------
 
-def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: str, progress=None) -> dict:
-    """Replay ``trace`` on the real engine with wall-clock Poisson arrivals at ``rate``; per-request metrics."""
+class CappedPredictions:
+    """The engine's predictor, clamped at the workload's output cap instead of each request's ``max_tokens``.
+
+    The benchmarks fix each request's work by setting ``max_tokens`` to its true length (``ignore_eos``); the
+    engine clamps predictions to ``max_tokens``, which would hand the predictor the answer."""
+
+    def __init__(self, predictor, cap: int):
+        self.predictor, self.cap = predictor, cap
+
+    def predict(self, prompt, max_tokens=None) -> int:
+        return self.predictor.predict(prompt, max_tokens=self.cap)
+
+    def predict_remaining(self, prompt, generated: int, max_tokens=None) -> int:
+        return self.predictor.predict_remaining(prompt, generated, max_tokens=self.cap)
+
+    def observe(self, prompt, output_len: int) -> None:
+        self.predictor.observe(prompt, output_len)
+
+
+def capped(engine, cap: int):
+    """Context: the engine's predictor (if any) clamped at ``cap`` while a benchmark runs."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap():
+        original = engine.predictor
+        if original is not None:
+            engine.predictor = CappedPredictions(original, cap)
+        try:
+            yield
+        finally:
+            engine.predictor = original
+    return swap()
+
+
+def _serve_loop(engine, timed, order, ids, start, policy, progress) -> float:
+    """Add each request at its arrival time and step the engine until all finish; returns the backlog at the
+    last arrival (share of output tokens still to generate)."""
     from alise import SamplingParams
-    engine = llm.engine
-    timed = W.with_arrivals(trace, rate, seed)
-    order = sorted(range(len(timed)), key=lambda i: timed[i].arrival)
-    ids: dict[int, str] = {}
-    start = time.monotonic()
     nxt, backlog = 0, 0.0
     while nxt < len(order) or engine.has_unfinished():
         now = time.monotonic() - start
         while nxt < len(order) and timed[order[nxt]].arrival <= now:
             i = order[nxt]
             t = timed[i]
-            params = SamplingParams(temperature=0.0, max_tokens=t.max_tokens or t.output_len, ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=t.output_len, ignore_eos=True)
             # text goes in as text (the engine tokenizes it as make-trace did, and the predictor reads it)
             vocab = engine.model.config.vocab_size
             prompt = t.prompt if t.prompt else [3 + (7 * j) % (vocab - 3) for j in range(t.prompt_len)]
@@ -347,6 +378,20 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
             time.sleep(max(0.0, timed[order[nxt]].arrival - (time.monotonic() - start)))
         if progress is not None:
             progress.update(sum(engine.is_finished(r) for r in ids.values()) - progress.n)
+    return backlog
+
+
+def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: str, progress=None) -> dict:
+    """Replay ``trace`` on the real engine with wall-clock Poisson arrivals at ``rate``; per-request metrics.
+    Each request generates exactly ``output_len`` tokens; predictions are clamped at the trace's ``max_tokens``."""
+    engine = llm.engine
+    timed = W.with_arrivals(trace, rate, seed)
+    order = sorted(range(len(timed)), key=lambda i: timed[i].arrival)
+    ids: dict[int, str] = {}
+    start = time.monotonic()
+    cap = max(t.max_tokens or t.output_len for t in trace)
+    with capped(engine, cap):
+        backlog = _serve_loop(engine, timed, order, ids, start, policy, progress)
     outs = [engine.pop(ids[i]) for i in range(len(timed))]
     lat = np.array([o.metrics.finish_time - o.metrics.arrival_time for o in outs])
     out = np.array([max(1, len(o.token_ids)) for o in outs])
@@ -367,11 +412,9 @@ def cmd_serve(args) -> dict:
     from alise import LLM
     policies = _policies(args.policies)
     trace = load_workload(args.workload, args.num_requests, args.seed)
-    if args.max_tokens:
-        trace = [W.TraceRequest(t.prompt_len, min(t.output_len, args.max_tokens), t.prompt, None,
-                                min(t.output_len, args.max_tokens), t.source) for t in trace]
-    else:
-        trace = [W.TraceRequest(t.prompt_len, t.output_len, t.prompt, None, t.output_len, t.source) for t in trace]
+    # the work is fixed (output_len, capped); max_tokens is the cap, which is all a predictor may know
+    cap = args.max_tokens or max(t.max_tokens or t.output_len for t in trace)
+    trace = [W.TraceRequest(t.prompt_len, min(t.output_len, cap), t.prompt, None, cap, t.source) for t in trace]
     rates = _floats(args.rates, "rates") or [0.25, 0.5, 1.0]
     print(f"serve: {args.workload}, {len(trace)} requests, outputs fixed to the trace's lengths "
           f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
@@ -408,13 +451,14 @@ def cmd_serve(args) -> dict:
     errors = S.ErrorModel.load(args.errors)
     calib = []
     for m in results:
-        served_trace = [W.TraceRequest(t.prompt_len, n, t.prompt, None, n, t.source)
+        served_trace = [W.TraceRequest(t.prompt_len, n, t.prompt, None, t.max_tokens, t.source)
                         for t, n in zip(trace, m["output_lens"])]
         timed = W.with_arrivals(served_trace, m["rate"], args.seed)
         preds = None
         if m["policy"] == "alise":
             if all(t.prompt for t in timed):
-                preds = S.RealPredictions(S.make_real_predictor(args.train, args.seed))
+                embed = engines[m["policy"]].engine.predictor.embed       # the engine's own embedder
+                preds = S.RealPredictions(S.make_real_predictor(args.train, args.seed, embed=embed))
             else:
                 preds = S.SampledPredictions(errors, args.seed + 1)
         sim = S.simulate(timed, m["policy"], profile, predictions=preds).metrics()
@@ -447,23 +491,30 @@ def cmd_serve(args) -> dict:
 # -- burst ----------------------------------------------------------------------------------------------------
 
 def burst_run(llm, trace: list[W.TraceRequest], max_tokens: int) -> list[dict]:
-    """Submit every request of ``trace`` at once, run until all finish; one record per request."""
+    """Submit every request of ``trace`` at once, run until all finish; one record per request.
+
+    Each request generates exactly its trace length (capped at ``max_tokens``; ``ignore_eos``), as ``serve``
+    does: greedy bf16 outputs change with the batch they run in, so without this the policies would not even
+    do the same work. Predictions are clamped at ``max_tokens``, not at the request's length."""
     from alise import SamplingParams
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     oracle = engine.config.scheduler == "oracle"
     start = time.monotonic()
-    ids = [engine.add_request(t.prompt, params, arrival_time=start,
-                              true_output_len=min(t.output_len, max_tokens) if oracle else None) for t in trace]
-    while engine.has_unfinished():
-        engine.step()
+    ids = []
+    with capped(engine, max_tokens):
+        for t in trace:
+            n = min(t.output_len, max_tokens)
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            ids.append(engine.add_request(t.prompt, params, arrival_time=start,
+                                          true_output_len=n if oracle else None))
+        while engine.has_unfinished():
+            engine.step()
     records = []
     for t, rid in zip(trace, ids):
         out = engine.pop(rid)
         m = out.metrics
         records.append({"prompt_len": len(out.prompt_token_ids), "output_len": len(out.token_ids),
-                        "trace_output_len": min(t.output_len, max_tokens),
-                        "predicted_output_len": m.predicted_output_len,
+                        "predicted_output_len": m.predicted_output_len_at_arrival,
                         "completion": m.finish_time - m.arrival_time,
                         "ttft": (m.first_token_time or m.finish_time) - m.arrival_time,
                         "num_preemptions": m.num_preemptions, "recomputed_tokens": m.num_recomputed_tokens,

@@ -38,6 +38,7 @@ class Request:
     finish_reason: str | None = None               # "stop" | "length" | "abort"
     error: str | None = None                       # why the engine refused the request, if it did
     predicted_output_len: int | None = None        # the scheduler's current estimate of the total output length
+    arrival_predicted_output_len: int | None = None  # the estimate made at arrival
     true_output_len: int | None = None             # known only to the oracle policy (and the simulator)
     arrival_step: int = 0                          # the scheduler's step count when the request was added
     deadline_step: float | None = None             # the speculative policy's aging deadline (policy.py)
