@@ -619,23 +619,13 @@ def cmd_split_trace(args) -> None:
     lands in the history: the test part is then MT-Bench questions the predictor has not seen.)"""
     path = W.default_trace_path() if args.trace == "mtbench" else Path(args.trace)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    parent: dict[str, str] = {}
-
-    def root(x: str) -> str:                 # union-find over prompt texts and conversation ids
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    records = [json.loads(line) for line in lines]
     prompt_lines: dict[str, list[str]] = {}
-    for line in lines:
-        rec = json.loads(line)
-        text, source = "text:" + (rec.get("prompt") or line), rec.get("source") or ""
-        prompt_lines.setdefault(text, []).append(line)
-        if source:                           # "lmsys:<conversation>:<turn>", "mtbench:<question>[:turn2]"
-            parent[root(text)] = root("conv:" + ":".join(source.split(":")[:2]))
-    groups: dict[str, list[str]] = {}
-    for text in prompt_lines:
-        groups.setdefault(root(text), []).append(text)
+    groups: dict[int, list[str]] = {}
+    for line, rec, group in zip(lines, records, W.conversation_groups(records)):
+        if rec["prompt"] not in prompt_lines:
+            groups.setdefault(group, []).append(rec["prompt"])
+        prompt_lines.setdefault(rec["prompt"], []).append(line)
     if not 0 < args.test < len(prompt_lines):
         raise SystemExit(f"--test must be between 1 and {len(prompt_lines) - 1} (the trace has "
                          f"{len(prompt_lines)} distinct prompts in {len(lines)} lines)")

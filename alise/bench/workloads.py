@@ -138,6 +138,25 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     return out
 
 
+def conversation_groups(records: list[dict]) -> list[int]:
+    """A group id per record ``{"prompt", "source"?}``: records with the same prompt text or from the same
+    conversation (``source`` "lmsys:<id>:<turn>", "mtbench:<id>[:turn2]": later turns repeat the earlier ones)
+    share one. Held-out splits keep whole groups on one side, so no test prompt repeats or extends a history one."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:                 # union-find over prompt texts and conversation ids
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for rec in records:
+        source = rec.get("source") or ""
+        if source:
+            parent[root("text:" + rec["prompt"])] = root("conv:" + ":".join(source.split(":")[:2]))
+    ids: dict[str, int] = {}
+    return [ids.setdefault(root("text:" + rec["prompt"]), len(ids)) for rec in records]
+
+
 def save_trace(path: str | Path, requests: list[TraceRequest]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in requests:
