@@ -240,7 +240,7 @@ def cmd_sim(args) -> dict:
     if "alise" not in policies:
         note = "none (no alise policy)"
     elif has_text:
-        note = ("real LengthPredictor (MiniLM retrieval + MLP) on the prompts, learning online"
+        note = (f"real LengthPredictor ({args.embed} embedder, retrieval + MLP) on the prompts, learning online"
                 + (f", store warmed with {args.train}" if args.train else ", cold start (no --train)"))
     else:
         note = ("the workload has no prompt text, so the real predictor cannot run: ALISE's predictions are "
@@ -256,11 +256,11 @@ def cmd_sim(args) -> dict:
     rates = _floats(args.rates, "rates") or auto_rates(trace, profile)
     embed = None
     if has_text and "alise" in policies:
-        embed = S.CachedEmbed()
+        embed = S.CachedEmbed(_embedder(args.embed))
         texts = list(dict.fromkeys([t.prompt for t in trace]))
         if args.train:
             texts += [json.loads(l)["prompt"] for l in Path(args.train).read_text().splitlines() if l.strip()]
-        print(f"embedding {len(set(texts))} prompts for the predictor (MiniLM)...", file=sys.stderr)
+        print(f"embedding {len(set(texts))} prompts for the predictor ({args.embed})...", file=sys.stderr)
         for i in range(0, len(texts), 256):
             embed(texts[i:i + 256])
     p_mean = np.mean([t.prompt_len for t in trace])
@@ -301,6 +301,17 @@ def cmd_sim(args) -> dict:
     }
     _write(report, args)
     return report
+
+
+def _embedder(name: str):
+    """The predictor's prompt embedder as the engine builds it: "model" (the default model's mean token
+    embedding, the engine's default) or "minilm"."""
+    if name == "minilm":
+        from alise.sched.encoder import MiniLM
+        return MiniLM.load(cache_size=0)
+    from alise.hub import resolve_model
+    from alise.sched.encoder import TokenEmbeddingMean
+    return TokenEmbeddingMean.from_folder(resolve_model("smollm2"))
 
 
 def _write(report: dict, args) -> None:
@@ -694,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows a low mean normalized latency under shortest-first (the long requests wait until "
                         "arrivals stop); the paper's (and vLLM's) method has no such check: 1.01 reproduces it (runs stopped early, far above the "
                         "largest bound, still count as over it)")
+    s.add_argument("--embed", choices=["model", "minilm"], default="model",
+                   help="the real predictor's prompt embedder, for workloads with text (default: the engine's)")
     s.add_argument("--workers", type=int, default=0, help="processes (default: one per policy, up to the CPUs)")
     s.set_defaults(func=cmd_sim, num_requests=1000)
 

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=["random", "grouped", "both"], default="both")
     ap.add_argument("--test-frac", type=float, default=0.3)
     ap.add_argument("--seeds", type=int, default=3, help="average over this many random splits")
-    ap.add_argument("--embed", choices=["minilm", "model", "hash"], default="minilm",
+    ap.add_argument("--embed", choices=["minilm", "model", "hash"], default="model",
                     help="prompt embedder: MiniLM, the served model's mean token embedding, or word hashing")
     ap.add_argument("--grid", action="store_true", help="sweep k, threshold and MLP width")
     ap.add_argument("--grid-k", default="1,3,5,10", help="k values for --grid")
@@ -253,13 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         base = MiniLM.load(cache_size=0)
     elif args.embed == "model":
         from alise.hub import resolve_model
-        from alise.model import Llama
         from alise.sched.encoder import TokenEmbeddingMean
-        from alise.tokenizer import Tokenizer
 
-        folder = resolve_model("smollm2")
-        base = TokenEmbeddingMean(Llama.from_pretrained(folder).embed_tokens.weight,
-                                  Tokenizer.from_folder(folder).encode)
+        base = TokenEmbeddingMean.from_folder(resolve_model("smollm2"))
     else:
         base = hash_embed
     t = time.perf_counter()

@@ -352,8 +352,8 @@ class RealPredictions:
 
 
 class CachedEmbed:
-    """The engine's default embedder (MiniLM) with a cache that outlives one predictor, so that every run of
-    a sweep builds a fresh predictor (its own online learning) without embedding the same prompts again."""
+    """A prompt embedder (MiniLM when none is given) with a cache that outlives one predictor, so that every run
+    of a sweep builds a fresh predictor (its own online learning) without embedding the same prompts again."""
 
     def __init__(self, embed=None):
         self._embed, self.cache = embed, {}
@@ -370,7 +370,8 @@ class CachedEmbed:
 
 
 def make_real_predictor(train: str | Path | None = None, seed: int = 0, embed=None):
-    """A fresh ``LengthPredictor`` as the engine builds it (MiniLM embedder), warmed with ``train`` history."""
+    """A fresh ``LengthPredictor`` as the engine builds it (pass the engine's embedder; None means MiniLM),
+    warmed with ``train`` history."""
     from alise.sched.predictor import LengthPredictor
     p = LengthPredictor(embed=embed, seed=seed)
     if train:

@@ -289,6 +289,21 @@ class TokenEmbeddingMean:
     def __init__(self, embedding: torch.Tensor, encode):
         self.table, self.encode = embedding.detach(), encode   # (vocab, C), text -> token ids
 
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "TokenEmbeddingMean":
+        """The embedder the engine builds for the model in ``folder``, without loading the whole model (for
+        benchmarks and the simulator)."""
+        from safetensors import safe_open
+
+        from alise.tokenizer import Tokenizer
+        folder = Path(folder)
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                if "model.embed_tokens.weight" in f.keys():
+                    table = f.get_tensor("model.embed_tokens.weight")
+                    return cls(table, Tokenizer.from_folder(folder).encode)
+        raise ValueError(f"no model.embed_tokens.weight in {folder}")
+
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> np.ndarray:
         rows = [self.table[torch.tensor(self.encode(t) or [0], device=self.table.device)].float().mean(0)
