@@ -91,7 +91,7 @@ class LLMEngine:
         self.step_samples: list[tuple[int, int, int, float]] = []
         self.num_steps = 0
         self.policy = make_policy(config.scheduler, self.cost)
-        self.predictor = self._make_predictor(config) if config.scheduler in ("alise", "oracle") else None
+        self.predictor = self._make_predictor(config) if config.scheduler == "alise" else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
         swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap_bytes_per_token)
         self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
