@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # before any test module imports triton (transformers, imported by the conformance tests, may): the
+    # Triton kernel tests run in the interpreter on a CPU-only machine
+    from alise import kernels
+    kernels.enable_triton_interpreter()
+
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -7,7 +7,7 @@
     python -m alise.bench split-trace --test 100 --history-out hist.jsonl --test-out test.jsonl
     python -m alise.bench predictor-errors --trace trace.jsonl  # the real predictor's error, for length-only sims
 
-Metric (DESIGN.md, "Workloads"): normalized latency = mean over requests of end-to-end latency / output tokens
+Metric (docs/design.md, "Workloads and metrics"): normalized latency = mean over requests of end-to-end latency / output tokens
 (s/token). Throughput under a latency bound = the highest request rate whose normalized latency stays under
 the bound (interpolated between swept rates), compared as a ratio between policies.
 """

@@ -1,6 +1,6 @@
 """Attention kernels over the paged KV cache, and the backend switch.
 
-The contract between the runner and the kernels (DESIGN.md, "KV cache layout"):
+The contract between the runner and the kernels (docs/design.md, "KV cache layout"):
 
 * Per layer, K and V each ``[num_blocks, block_size, num_kv_heads, head_dim]`` (bf16 / fp32 / int8);
   int4 packs two values per byte, ``[num_blocks, block_size, num_kv_heads, head_dim // 2]`` uint8
