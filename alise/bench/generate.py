@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
+    from alise.bench.__main__ import cpu_kind
     print(f"alise generation benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cuda={torch.cuda.is_available()}, decode steps {'compiled' if args.compile else 'eager'}, {_load()}")
+          f"CPU {cpu_kind()}, cuda={torch.cuda.is_available()}, decode steps "
+          f"{'compiled' if args.compile else 'eager'}, {_load()}")
     text = _topic_text()
 
     if "single" in sections:

@@ -71,7 +71,9 @@ def main() -> None:
         rows.append((kv_dtype, per_layer, int(args.budget_gb * (1 << 30) // seq_bytes), ppl, tps))
         del llm
     base = {name: (b, p, t) for name, b, _, p, t in rows}.get("bf16", (rows[0][1], rows[0][3], rows[0][4]))
-    print(f"\nmodel smollm2 ({args.dtype}), {args.tokens} tokens of pydoc topics in windows of {args.window}, "
+    from alise.bench.__main__ import cpu_kind
+    print(f"\nmodel smollm2 ({args.dtype}, CPU {cpu_kind()}), {args.tokens} tokens of pydoc topics in windows of "
+          f"{args.window}, "
           f"{args.concurrency} concurrent requests x {args.output_len} tokens")
     print(f"{'kv':>5} {'B/token/layer':>14} {'x bf16':>7} {'1k-seqs/' + str(args.budget_gb) + 'GiB':>14} "
           f"{'perplexity':>11} {'vs bf16':>8} {'tok/s':>8} {'vs bf16':>8}")
