@@ -164,7 +164,7 @@ def test_roofline_profiles():
     h = S.roofline_profile("h100-13b")
     assert a.kind == "roofline model" and "not a measurement" in a.description
     # the 40 GB card leaves about 12 GB for a 13B model's KV (vLLM paper, Table 1): 0.8 MB per token
-    assert 10e9 < a.num_blocks * a.block_size * S.MODELS["13b"].kv_bytes_per_token < 13e9
+    assert 10e9 < a.num_blocks * a.block_size * S.MODELS["13b"].kv_bytes_per_token() < 13e9
     # a faster card: a decode step of 64 sequences over 512 tokens each takes less time
     assert h.cost.step_time(0, 64, 64 * 512) < a.cost.step_time(0, 64, 64 * 512)
     # the linear fit stays close to the roofline on a typical decode step

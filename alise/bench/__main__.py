@@ -30,6 +30,8 @@ from alise.bench import workloads as W
 DEFAULT_BOUND_FACTORS = (2.0, 5.0, 10.0)   # bounds relative to the unloaded normalized latency
 STOP_FACTOR = 2.0                            # a run stops early once it is surely above STOP_FACTOR x max bound
 MAX_BACKLOG = 0.1                            # a run keeps up if <= 10% of its output tokens are left at the last arrival
+GOODPUT_TARGET = 0.9                         # goodput: the share of requests that must meet both SLOs
+SLO_SCALE = 5.0                              # SLOs = this x the 90th percentile of the unloaded TTFT / TPOT
 #   (a stable run holds only its concurrency: ~40 ShareGPT requests on a100-40g-13b, under 5% of 1000)
 # auto sweep: 5 light-load rates from 5% to 40% of a capacity estimate, then 20 rates 8% apart from 40% to 200%
 # (the knee, where policies differ, needs the fine steps; each policy stops climbing once past saturation)
@@ -72,8 +74,9 @@ def sustained(r: dict, max_backlog: float = MAX_BACKLOG) -> bool:
 
 
 def summarize(results: list[dict], bounds: list[float], policies: list[str],
-              max_backlog: float = MAX_BACKLOG) -> tuple[dict, dict, dict, dict]:
-    """max_rate[policy][bound], its note ("", ">=", "<"), ratio_vs_fcfs and ratio_vs_oracle.
+              max_backlog: float = MAX_BACKLOG, baseline: str = "fcfs",
+              reference: str = "oracle") -> tuple[dict, dict, dict, dict]:
+    """max_rate[policy][bound], its note ("", ">=", "<"), the ratio to ``baseline`` and to ``reference``.
 
     A run that did not keep up with its arrivals (``sustained``) counts as over every bound: with a finite
     number of requests, shortest-first keeps the *mean* normalized latency low far past saturation (the long
@@ -87,10 +90,40 @@ def summarize(results: list[dict], bounds: list[float], policies: list[str],
                     for r in rows]
             rate, note = S.max_rate_under([r["rate"] for r in rows], vals, b)
             max_rate[p][_bkey(b)], notes[p][_bkey(b)] = rate, note
-    ratio = {p: {k: _ratio(max_rate[p][k], max_rate.get("fcfs", {}).get(k)) for k in max_rate[p]} for p in policies}
-    vs_oracle = {p: {k: _ratio(max_rate[p][k], max_rate.get("oracle", {}).get(k)) for k in max_rate[p]}
+    ratio = {p: {k: _ratio(max_rate[p][k], max_rate.get(baseline, {}).get(k)) for k in max_rate[p]} for p in policies}
+    vs_oracle = {p: {k: _ratio(max_rate[p][k], max_rate.get(reference, {}).get(k)) for k in max_rate[p]}
                  for p in policies}
     return max_rate, notes, ratio, vs_oracle
+
+
+def goodput(results: list[dict], policies: list[str], target: float = GOODPUT_TARGET,
+            baseline: str = "fcfs") -> tuple[dict, dict, dict]:
+    """Highest rate at which at least ``target`` of the requests meet both SLOs (``slo_attainment``), its note
+    and its ratio to ``baseline``, per policy (DistServe's goodput)."""
+    rate, notes = {}, {}
+    for p in policies:
+        rows = [r for r in results if r["policy"] == p]
+        rate[p], notes[p] = S.max_rate_under([r["rate"] for r in rows], [1.0 - r["slo_attainment"] for r in rows],
+                                             1.0 - target)
+    return rate, notes, {p: _ratio(rate[p], rate.get(baseline)) for p in policies}
+
+
+def throughputs(results: list[dict], bounds: list[float], policies: list[str], max_backlog: float = MAX_BACKLOG,
+                baseline: str = "fcfs", reference: str = "oracle") -> dict:
+    """The three definitions of throughput, side by side:
+
+    * ``paper``: a finite trace per rate, the highest rate whose mean normalized latency stays under the bound,
+      no overload check (the vLLM / FastServe / ALISE papers' method);
+    * ``sustained``: the same, but a run that fell behind its arrivals (``sustained``) counts as over every bound;
+    * ``goodput``: the highest rate at which >= 90% of requests meet both a TTFT and a time-per-output-token SLO.
+    """
+    out = {}
+    for name, backlog in (("paper", math.inf), ("sustained", max_backlog)):
+        max_rate, notes, ratio, vs_ref = summarize(results, bounds, policies, backlog, baseline, reference)
+        out[name] = {"max_rate": max_rate, "note": notes, "ratio_vs_baseline": ratio, "ratio_vs_reference": vs_ref}
+    rate, notes, ratio = goodput(results, policies, baseline=baseline)
+    out["goodput"] = {"max_rate": rate, "note": notes, "ratio_vs_baseline": ratio}
+    return out
 
 
 def _bkey(b: float) -> str:
@@ -115,21 +148,25 @@ def print_results(results: list[dict], file=sys.stdout, max_backlog: float = MAX
 
 
 def print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, file=sys.stdout,
-                  max_backlog: float = MAX_BACKLOG) -> None:
-    print(f"\nthroughput under a latency bound (highest rate with normalized latency <= bound; unloaded "
-          f"{unloaded * 1e3:.2f} ms/token)", file=file)
-    head = f"{'policy':<7}" + "".join(f" {'<= ' + f'{b * 1e3:.1f} ms/tok':>17} {'vs FCFS':>8} {'vs oracle':>9}"
-                                     for b in bounds)
+                  max_backlog: float = MAX_BACKLOG, title: str = "", baseline: str = "fcfs",
+                  reference: str = "oracle") -> None:
+    print(f"\n{title or 'throughput under a latency bound'} (highest rate with normalized latency <= bound; "
+          f"unloaded {unloaded * 1e3:.2f} ms/token)", file=file)
+    w = max(7, *map(len, max_rate))
+    vs_base, vs_ref = f"vs {baseline}", f"vs {reference}"
+    cw = max(11, len(vs_base), len(vs_ref))
+    head = f"{'policy':<{w}}" + "".join(f" {'<= ' + f'{b * 1e3:.1f} ms/tok':>17} {vs_base:>{cw}} {vs_ref:>{cw}}"
+                                        for b in bounds)
     print(head, file=file)
     for p in max_rate:
-        row = f"{p:<7}"
+        row = f"{p:<{w}}"
         for b in bounds:
             k = _bkey(b)
             note = {"": "", ">=": ">=", "<": "<"}[notes[p][k]]
             fr = ratio[p][k]
             orr = vs_oracle[p][k]
-            row += (f" {note + f'{max_rate[p][k]:.3g} req/s':>17} {'-' if fr is None else f'{fr:.2f}x':>8} "
-                    f"{'-' if orr is None else f'{orr:.2f}':>9}")
+            row += (f" {note + f'{max_rate[p][k]:.3g} req/s':>17} {'-' if fr is None else f'{fr:.2f}x':>{cw}} "
+                    f"{'-' if orr is None else f'{orr:.2f}':>{cw}}")
         print(row, file=file)
     overload = ("runs are not checked for backlog (--max-backlog >= 1)" if max_backlog >= 1 else
                 f"a run with more than {max_backlog:.0%} of its output tokens left to generate at the last arrival "
@@ -143,8 +180,10 @@ def print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, file=sys.
 _CTX: dict = {}      # the sweep's shared state, inherited by forked workers (no pickling of traces)
 
 
-def _run(policy: str, rate: float) -> dict:
+def _run(name: str, rate: float) -> dict:
+    """One simulation of entry ``name`` (a policy, or a system: policy + profile + preemption mode)."""
     c = _CTX
+    policy, profile, swap = c["entries"][name]
     trace = W.with_arrivals(c["trace"], rate, c["seed"])
     predictions = None
     if policy == "alise":
@@ -153,9 +192,10 @@ def _run(policy: str, rate: float) -> dict:
         else:
             predictions = S.SampledPredictions(c["errors"], c["seed"] + 1)
     t0 = time.perf_counter()
-    res = S.simulate(trace, policy, c["profile"], predictions=predictions, stop_above=c["stop_above"])
+    res = S.simulate(trace, policy, profile, predictions=predictions, stop_above=c["stop_above"], swap=swap)
     m = res.metrics()
-    m["rate"] = rate
+    m["policy"], m["rate"] = name, rate          # the entry's name: a system's, or the policy's
+    m["slo_attainment"] = res.slo_attainment(*c["slos"])
     m["sim_seconds"] = time.perf_counter() - t0
     if policy == "alise":
         m["predictions"] = c["predictions_note"]
@@ -226,18 +266,47 @@ def auto_rates(trace, profile) -> list[float]:
     return sorted({float(f"{r:.3g}") for r in cap * grid})
 
 
-def cmd_sim(args) -> dict:
-    policies = _policies(args.policies)
-    trace = load_workload(args.workload, args.num_requests, args.seed)
+def _systems(args) -> list[str]:
+    if args.ablation:
+        return list(S.ABLATION)
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    bad = [n for n in names if n not in S.SYSTEMS]
+    if bad or not names:
+        raise SystemExit(f"--systems: choose from {', '.join(S.SYSTEMS)}; got {args.systems!r}")
+    return names
+
+
+def sim_entries(args) -> tuple[dict, str, str]:
+    """{name: (policy, profile, swap)} for the policies (one profile) or the systems (a profile each), the
+    baseline the ratios are taken against and the reference (the oracle)."""
+    kw = dict(max_num_seqs=args.max_num_seqs or 256, swap_gb=args.swap_gb)
     try:
-        profile = S.get_profile(args.profile, max_num_seqs=args.max_num_seqs or 256, swap_gb=args.swap_gb)
+        if args.systems or args.ablation:
+            names = _systems(args)
+            entries = {}
+            for n in names:
+                system = S.SYSTEMS[n]
+                profile = S.system_profile(system, args.profile, **kw)
+                entries[n] = (system.policy, profile, system.preemption == "swap")
+            return entries, ("vllm" if "vllm" in names else names[0]), "oracle-int8"
+        profile = S.get_profile(args.profile, kv_dtype=args.kv_dtype, **kw) if not (
+            args.profile and Path(args.profile).is_file()) else S.Profile.load(args.profile)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.profile and Path(args.profile).is_file() and args.max_num_seqs:
         profile.max_num_seqs = args.max_num_seqs
+    return {p: (p, profile, None) for p in _policies(args.policies)}, "fcfs", "oracle"
+
+
+def cmd_sim(args) -> dict:
+    entries, baseline, reference = sim_entries(args)
+    policies = list(entries)
+    kinds = {e[0] for e in entries.values()}
+    profile = entries[baseline][1]        # bounds and SLOs: the baseline's (the same constraint for everyone)
+    trace = load_workload(args.workload, args.num_requests, args.seed)
     has_text = all(t.prompt for t in trace)
     errors = S.ErrorModel.load(args.errors)
-    if "alise" not in policies:
+    if "alise" not in kinds:
         note = "none (no alise policy)"
     elif has_text:
         note = (f"real LengthPredictor ({args.embed} embedder, retrieval + MLP) on the prompts, learning online"
@@ -253,9 +322,11 @@ def cmd_sim(args) -> dict:
                   file=sys.stderr)
     unloaded = S.unloaded_normalized_latency(trace, profile)
     bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
-    rates = _floats(args.rates, "rates") or auto_rates(trace, profile)
+    rates = _floats(args.rates, "rates") or auto_rates(trace, max((e[1] for e in entries.values()),
+                                                                   key=lambda prof: S.capacity_estimate(trace, prof)))
+    slos = S.unloaded_slos(trace, profile, args.slo_scale)
     embed = None
-    if has_text and "alise" in policies:
+    if has_text and "alise" in kinds:
         embed = S.CachedEmbed(_embedder(args.embed))
         texts = list(dict.fromkeys([t.prompt for t in trace]))
         if args.train:
@@ -267,26 +338,44 @@ def cmd_sim(args) -> dict:
     o_mean = np.mean([t.output_len for t in trace])
     print(f"workload: {args.workload}, {len(trace)} requests (seed {args.seed}), mean input {p_mean:.1f} / output "
           f"{o_mean:.1f} tokens")
-    print(f"profile: {profile.name} [{profile.kind}]: {profile.description}")
-    print(f"  cost model: {profile.cost}; max_num_seqs {profile.max_num_seqs}, max_num_batched_tokens "
-          f"{profile.max_num_batched_tokens}")
+    for name, (pol, prof, swap) in entries.items():
+        what = (f"system {name}: {S.SYSTEMS[name].description}; " if name in S.SYSTEMS and name != pol else "")
+        print(f"{what}profile {prof.name} [{prof.kind}]: {prof.description}")
+        print(f"  cost model: {prof.cost}; max_num_seqs {prof.max_num_seqs}, max_num_batched_tokens "
+              f"{prof.max_num_batched_tokens}")
+        if len({id(e[1]) for e in entries.values()}) == 1:
+            break                                  # one profile for every policy
+    print(f"goodput SLOs ({args.slo_scale:g}x the 90th percentile alone): TTFT {slos[0] * 1e3:.1f} ms, time per "
+          f"output token {slos[1] * 1e3:.2f} ms; >= {GOODPUT_TARGET:.0%} of requests must meet both")
     print(f"predictions: {note}")
     print(f"unloaded normalized latency {unloaded * 1e3:.2f} ms/token; bounds: "
           + ", ".join(f"{b * 1e3:.2f} ms/token ({b / unloaded:.3g}x)" for b in bounds)
           + ("" if args.bounds else " (default: 2x, 5x, 10x unloaded)"))
     print(f"rates: {', '.join(f'{r:g}' for r in rates)} req/s" + ("" if args.rates else " (auto)"))
     stop_above = STOP_FACTOR * max(bounds)
-    _CTX.update(trace=trace, profile=profile, seed=args.seed, has_text=has_text, errors=errors, train=args.train,
-                embed=embed, stop_above=stop_above, predictions_note=note)
+    _CTX.update(trace=trace, entries=entries, seed=args.seed, has_text=has_text, errors=errors, train=args.train,
+                embed=embed, stop_above=stop_above, predictions_note=note, slos=slos)
     t0 = time.perf_counter()
     workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
     results = sweep(policies, rates, workers, progress=not args.quiet, max_backlog=args.max_backlog)
     elapsed = time.perf_counter() - t0
     for r in results:
         r["sustained"] = sustained(r, args.max_backlog)
-    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies, args.max_backlog)
     print_results(results, max_backlog=args.max_backlog)
-    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, max_backlog=args.max_backlog)
+    tp = throughputs(results, bounds, policies, args.max_backlog, baseline, reference)
+    for name, title, backlog in (("paper", "(a) the papers' throughput: finite trace, no overload check", math.inf),
+                                 ("sustained", "(b) sustained throughput: runs that fall behind count as over",
+                                  args.max_backlog)):
+        t = tp[name]
+        print_summary(bounds, unloaded, t["max_rate"], t["note"], t["ratio_vs_baseline"], t["ratio_vs_reference"],
+                      max_backlog=backlog, title=title, baseline=baseline, reference=reference)
+    g = tp["goodput"]
+    print(f"\n(c) goodput: highest rate with >= {GOODPUT_TARGET:.0%} of requests within both SLOs")
+    for p in policies:
+        r, rate = g["ratio_vs_baseline"][p], g["note"][p] + f"{g['max_rate'][p]:.3g} req/s"
+        print(f"{p:<12} {rate:>14} {'-' if r is None else f'{r:.2f}x':>8} vs {baseline}")
+    max_rate, notes, ratio, vs_oracle = (tp["sustained"][k] for k in ("max_rate", "note", "ratio_vs_baseline",
+                                                                       "ratio_vs_reference"))
     print(f"\n{len(results)} simulations in {elapsed:.1f} s ({workers} worker(s)); runs stop early once their "
           f"normalized latency is surely above {stop_above * 1e3:.1f} ms/token ({STOP_FACTOR:g}x the largest bound)")
     report = {
@@ -296,6 +385,9 @@ def cmd_sim(args) -> dict:
         "bounds": bounds, "rates": rates, "stop_above": stop_above, "max_backlog": args.max_backlog,
         "results": sorted(results, key=lambda r: (r["policy"], r["rate"])),
         "max_rate": max_rate, "max_rate_note": notes, "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
+        "baseline": baseline, "throughput": tp, "slos": {"ttft": slos[0], "tpot": slos[1], "scale": args.slo_scale,
+                                                         "target": GOODPUT_TARGET},
+        "systems": {n: vars(S.SYSTEMS[n]) for n in policies if n in S.SYSTEMS and (args.systems or args.ablation)},
         "title": f"{args.workload} on {profile.name} ({profile.kind}), {len(trace)} requests",
         "command": " ".join(["python -m alise.bench"] + sys.argv[1:]),
     }
@@ -705,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows a low mean normalized latency under shortest-first (the long requests wait until "
                         "arrivals stop); the paper's (and vLLM's) method has no such check: 1.01 reproduces it (runs stopped early, far above the "
                         "largest bound, still count as over it)")
+    s.add_argument("--systems", help=f"compare whole systems instead of policies: {', '.join(S.SYSTEMS)} "
+                   "(policy + KV page format + preemption mode; e.g. vllm,alise)")
+    s.add_argument("--ablation", action="store_true", help=f"the systems {', '.join(S.ABLATION)}: one idea at a time")
+    s.add_argument("--kv-dtype", default="bf16", choices=["bf16", "int8", "int4"],
+                   help="the KV pool's page format for --policies (a system brings its own)")
+    s.add_argument("--slo-scale", type=float, default=SLO_SCALE,
+                   help="goodput SLOs: this x the 90th percentile of the unloaded TTFT and time per token")
     s.add_argument("--embed", choices=["model", "minilm"], default="model",
                    help="the real predictor's prompt embedder, for workloads with text (default: the engine's)")
     s.add_argument("--workers", type=int, default=0, help="processes (default: one per policy, up to the CPUs)")

@@ -72,6 +72,7 @@ class Profile:
     swap_bandwidth: float = 25e9           # bytes/s between the KV pool and host memory
     kind: str = "model"                    # "roofline model" | "fitted"
     description: str = ""
+    kv_dtype: str = "bf16"                 # the pool's page format (a fitted profile: what it was measured with)
 
     def swap_time(self, num_tokens: int) -> float:
         return num_tokens * self.swap_bytes_per_token / self.swap_bandwidth
@@ -116,9 +117,10 @@ class ModelShape:
     kv_heads: int
     head_dim: int
 
-    @property
-    def kv_bytes_per_token(self) -> int:        # bf16 K and V, all layers
-        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> int:
+        """K and V of one token in all layers, scales included, in the engine's page format."""
+        from alise import kernels
+        return self.layers * kernels.bytes_per_token(kv_dtype, self.kv_heads, self.head_dim)
 
 
 # datasheet peaks; host bandwidth ~80% of the PCIe link (gen4 x16: 32 GB/s, gen5 x16: 64 GB/s)
@@ -144,22 +146,23 @@ ACTIVATION_RESERVE = 1e9         # bytes kept for activations
 
 
 def roofline_step_time(acc: Accelerator, model: ModelShape, prefill_tokens: float, decode_seqs: float,
-                       context_tokens: float, prefill_context: float = 0.0) -> float:
+                       context_tokens: float, prefill_context: float = 0.0, kv_dtype: str = "bf16") -> float:
     """Roofline time of one step: fixed overhead + max(bytes / bandwidth, FLOPs / peak), at attainable rates.
 
-    Bytes: the weights once, the cached K/V attended over (``context_tokens``), the new K/V written.
+    Bytes: the weights once, the cached K/V attended over (``context_tokens``), the new K/V written, at the
+    width of ``kv_dtype`` pages (dequantization is assumed fused into attention, free on a GPU).
     FLOPs: 2 x params per new token, plus attention (QK and PV, 2 FLOPs each per head dim) over the context of
     decodes and, for prefill tokens, over their average ``prefill_context``.
     """
     new = prefill_tokens + decode_seqs
-    byts = 2 * model.params + (context_tokens + new) * model.kv_bytes_per_token
+    byts = 2 * model.params + (context_tokens + new) * model.kv_bytes_per_token(kv_dtype)
     attn = 4 * model.layers * model.hidden * (context_tokens + prefill_tokens * prefill_context)
     flops = 2 * model.params * new + attn
     return STEP_OVERHEAD + max(byts / (acc.bandwidth * BANDWIDTH_EFFICIENCY), flops / (acc.flops * FLOPS_EFFICIENCY))
 
 
 def roofline_profile(name: str, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                     swap_gb: float = 16.0, swap_kv_dtype: str = "int8") -> Profile:
+                     swap_gb: float = 16.0, swap_kv_dtype: str = "int8", kv_dtype: str = "bf16") -> Profile:
     """A roofline *model* of ``"<accelerator>-<model>"`` (e.g. "a100-7b", "h100-13b").
 
     The step time is the roofline (``roofline_step_time``); the engine's ``CostModel`` is linear, so its four
@@ -167,8 +170,9 @@ def roofline_profile(name: str, max_num_seqs: int = 256, max_num_batched_tokens:
     this scheduler produces: decode batches of 1..max_num_seqs over 64..2048 cached tokens each, alone and
     with a prefill chunk of 16..max_num_batched_tokens tokens. The fit's error is in the description.
     KV pool: ``GPU_MEMORY_UTILIZATION`` of device memory, minus bf16 weights and ``ACTIVATION_RESERVE``,
-    over bf16 KV bytes per token. Swap: ``swap_gb`` of host memory holding preempted KV compressed to
-    ``swap_kv_dtype`` (the engine's default int8), moved at the host link's bandwidth.
+    over the bytes per token of ``kv_dtype`` pages (scales included); the roofline reads and writes KV at that
+    width, assuming dequantization fused into attention (free on a GPU). Swap: ``swap_gb`` of host memory
+    holding preempted KV in ``swap_kv_dtype`` (never wider than the pages), moved at the host link's bandwidth.
     """
     try:
         acc_name, model_name = name.lower().rsplit("-", 1)
@@ -187,20 +191,23 @@ def roofline_profile(name: str, max_num_seqs: int = 256, max_num_batched_tokens:
                     continue
                 pctx = ctx / 2 if p else 0.0   # a chunk attends over half a context on average
                 total_ctx = b * ctx + (pctx if p else 0)
-                rows.append((p, b, total_ctx, roofline_step_time(acc, model, p, b, b * ctx, pctx)))
+                rows.append((p, b, total_ctx, roofline_step_time(acc, model, p, b, b * ctx, pctx, kv_dtype)))
     cost, rel = fit_cost_model(rows, relative=True)
     block_size = 16
     pool = GPU_MEMORY_UTILIZATION * acc.memory_bytes - 2 * model.params - ACTIVATION_RESERVE
     if pool <= 0:
         raise ValueError(f"{model.name} does not fit on one {acc.name}")
-    num_blocks = int(pool // (model.kv_bytes_per_token * block_size))
+    num_blocks = int(pool // (model.kv_bytes_per_token(kv_dtype) * block_size))
+    if kv_dtype in ("int8", "int4"):           # quantized pages are swapped as they are
+        swap_kv_dtype = kv_dtype
     swap_bpt = model.layers * kernels.bytes_per_token(swap_kv_dtype, model.kv_heads, model.head_dim)
     return Profile(
         name=name.lower(), cost=cost, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_model_len=4096,
         swap_capacity_bytes=int(swap_gb * GiB), swap_bytes_per_token=swap_bpt, swap_bandwidth=acc.host_bandwidth,
-        kind="roofline model",
-        description=(f"roofline model (not a measurement) of {model.name} (bf16) on one {acc.name}: "
+        kind="roofline model", kv_dtype=kv_dtype,
+        description=(f"roofline model (not a measurement) of {model.name} (bf16 weights, {kv_dtype} KV pages, "
+                     f"dequantization assumed fused and free) on one {acc.name}: "
                      f"{acc.bandwidth / 1e12:.2f} TB/s x {BANDWIDTH_EFFICIENCY}, {acc.flops / 1e12:.0f} TFLOP/s x "
                      f"{FLOPS_EFFICIENCY}, {STEP_OVERHEAD * 1e3:.0f} ms/step overhead; KV pool {num_blocks} blocks "
                      f"x {block_size} = {num_blocks * block_size} tokens; swap {swap_gb:g} GiB ({swap_kv_dtype}) at "
@@ -226,7 +233,7 @@ def fit_cost_model(rows, relative: bool = False) -> tuple[CostModel, tuple[float
 
 def fitted_profile(samples, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                    max_model_len: int, swap_capacity_bytes: int, swap_bytes_per_token: int,
-                   swap_bandwidth: float, name: str = "fitted") -> Profile:
+                   swap_bandwidth: float, name: str = "fitted", kv_dtype: str = "bf16") -> Profile:
     """A profile whose cost model is ``CostModel.fit`` on the engine's measured step times.
 
     On a shared, noisy CPU a few steps stall for seconds (another process had the cores) and a least-squares
@@ -251,7 +258,7 @@ def fitted_profile(samples, *, num_blocks: int, block_size: int, max_num_seqs: i
     return Profile(name=name, cost=cost, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                    swap_capacity_bytes=swap_capacity_bytes, swap_bytes_per_token=swap_bytes_per_token,
-                   swap_bandwidth=swap_bandwidth, kind="fitted",
+                   swap_bandwidth=swap_bandwidth, kind="fitted", kv_dtype=kv_dtype,
                    description=(f"CostModel.fit on {len(data)} measured engine steps (fitted without the 10% slowest "
                                 f"relative to the fit, 3 rounds, their mean excess added to the overhead); |rel. "
                                 f"err| over all steps: median {rel[0]:.1%}, mean {rel[1]:.1%}"))
@@ -266,6 +273,45 @@ def get_profile(spec: str | None, **kw) -> Profile:
 
 
 DEFAULT_PROFILE = "a100-40g-13b"   # the vLLM paper's setup (13B model, one A100-40GB), which ALISE compares against
+
+
+# -- systems --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class System:
+    """A serving system as the paper's claim compares them: a scheduling policy, a KV page format and what
+    preemption does with a request's KV (``"recompute"``: drop it; ``"swap"``: copy it to host memory, in the
+    pages' own format when they are quantized, else in ``swap_kv_dtype``)."""
+    name: str
+    policy: str
+    kv_dtype: str
+    preemption: str
+    swap_kv_dtype: str = "int8"
+    description: str = ""
+
+
+SYSTEMS = {s.name: s for s in [
+    System("vllm", "fcfs", "bf16", "recompute", description="vLLM's defaults: FCFS, bf16 KV, recompute"),
+    System("vllm+spec", "alise", "bf16", "recompute", description="+ speculative scheduling (bf16 KV, recompute)"),
+    System("vllm+int8", "fcfs", "int8", "recompute", description="+ int8 KV pages (FCFS, recompute)"),
+    System("alise", "alise", "int8", "swap", description="ALISE: speculative scheduling, int8 pages, priority swap"),
+    System("alise-int4", "alise", "int4", "swap", description="ALISE with int4 pages"),
+    System("oracle-int8", "oracle", "int8", "swap", description="true lengths, int8 pages, swap: ALISE's bound"),
+]}
+ABLATION = ["vllm", "vllm+spec", "vllm+int8", "alise", "alise-int4", "oracle-int8"]   # one idea at a time
+
+
+def system_profile(system: System, base: str | None = None, **kw) -> Profile:
+    """``base``'s roofline profile with ``system``'s KV pages; a fitted profile file must have been measured
+    with the system's KV dtype (a fitted profile per dtype)."""
+    spec = base or DEFAULT_PROFILE
+    if Path(spec).is_file():
+        profile = Profile.load(spec)
+        if profile.kv_dtype != system.kv_dtype:
+            raise ValueError(f"system {system.name!r} has {system.kv_dtype} KV pages but profile {spec} was fitted "
+                             f"with {profile.kv_dtype} pages: fit one profile per KV dtype")
+        return profile
+    return roofline_profile(spec, kv_dtype=system.kv_dtype, swap_kv_dtype=system.swap_kv_dtype, **kw)
 
 
 # -- predictions ----------------------------------------------------------------------------------------------
@@ -452,6 +498,15 @@ class RunResult:
     def latency(self) -> np.ndarray:
         return self.finish - self.arrival
 
+    def slo_attainment(self, ttft_slo: float, tpot_slo: float) -> float:
+        """Share of requests whose time to first token and time per later output token both meet the SLOs
+        (DistServe's goodput criterion); a run stopped early past saturation attains nothing."""
+        if self.saturated:
+            return 0.0
+        ttft = self.first_token - self.arrival
+        tpot = (self.finish - self.first_token) / np.maximum(self.output_len - 1, 1)
+        return float(np.mean((ttft <= ttft_slo) & (tpot <= tpot_slo)))
+
     def metrics(self) -> dict:
         lat = self.latency
         ttft = self.first_token - self.arrival
@@ -481,11 +536,13 @@ class RunResult:
 
 
 def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predictions=None,
-             default_max_tokens: int = 2048, stop_above: float = math.inf) -> RunResult:
+             default_max_tokens: int = 2048, stop_above: float = math.inf, swap: bool | None = None) -> RunResult:
     """Run ``trace`` (with arrival times) under ``policy`` on ``profile``; see the module docstring.
 
     ``predictions``: a ``RealPredictions`` or ``SampledPredictions`` for the ALISE policy (required for it;
     ignored by FCFS, which never predicts, and by the oracle, whose ranking uses the true lengths).
+    ``swap``: whether preempted KV may go to host swap space (None: the policy's own default; a ``System``'s
+    preemption mode sets it).
     ``stop_above``: stop early once the run's normalized latency is certain to exceed this (s/token): when
     the lower bound  (sum over finished requests of latency / output + sum over arrived unfinished ones of
     (now - arrival) / output) / N  passes it. The result is then ``saturated`` and its normalized latency is
@@ -497,7 +554,10 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
         raise ValueError("the alise policy needs predictions (RealPredictions or SampledPredictions)")
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     cost = profile.cost
-    sched = Scheduler(policy=make_policy(policy, cost),
+    scheduling = make_policy(policy, cost)
+    if swap is not None:
+        scheduling.swap_preempted = swap
+    sched = Scheduler(policy=scheduling,
                       allocator=BlockAllocator(profile.num_blocks, profile.block_size),
                       max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
                       swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token))
@@ -618,6 +678,15 @@ def isolated_latency(t: TraceRequest, profile: Profile) -> tuple[float, float]:
     for j in range(1, t.output_len):
         now += c.step_time(0, 1, t.prompt_len + j - 1)
     return now, ttft
+
+
+def unloaded_slos(trace: list[TraceRequest], profile: Profile, scale: float) -> tuple[float, float]:
+    """(TTFT, time per output token) SLOs: ``scale`` x the 90th percentile of each request's value alone, so at
+    no load at least 90% of requests meet both."""
+    alone = [isolated_latency(t, profile) for t in trace]
+    ttft = np.array([f for _, f in alone])
+    tpot = np.array([(lat - f) / max(t.output_len - 1, 1) for t, (lat, f) in zip(trace, alone)])
+    return scale * float(np.percentile(ttft, 90)), scale * float(np.percentile(tpot, 90))
 
 
 def unloaded_normalized_latency(trace: list[TraceRequest], profile: Profile) -> float:

@@ -1,0 +1,89 @@
+"""The paper's comparison as systems: KV page format in the profile, named systems, three throughput definitions."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from alise import kernels
+from alise.bench import simulator as S
+from alise.bench.__main__ import goodput, main, summarize, throughputs
+from alise.bench.workloads import synthetic, with_arrivals
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "int4"])
+def test_pool_capacity_is_the_byte_arithmetic(kv_dtype):
+    p = S.roofline_profile("a100-40g-13b", kv_dtype=kv_dtype)
+    m, acc = S.MODELS["13b"], S.ACCELERATORS["a100-40g"]
+    pool = S.GPU_MEMORY_UTILIZATION * acc.memory_bytes - 2 * m.params - S.ACTIVATION_RESERVE
+    per_token = m.layers * kernels.bytes_per_token(kv_dtype, m.kv_heads, m.head_dim)   # scales included
+    assert p.num_blocks == int(pool // (per_token * p.block_size)) and p.kv_dtype == kv_dtype
+    # by hand for bf16: K and V, 2 bytes each, no scales; int8: 1 byte each + an fp16 scale per (token, head)
+    by_hand = {"bf16": 2 * 2 * 128, "int8": 2 * (128 + 2)}
+    if kv_dtype in by_hand:
+        assert per_token == m.layers * m.kv_heads * by_hand[kv_dtype]
+    if kv_dtype != "bf16":   # quantized pages are swapped as they are
+        assert p.swap_bytes_per_token == per_token
+    # the roofline reads KV at the pages' width: a long-context decode step is cheaper with smaller pages
+    t = {d: S.roofline_step_time(acc, m, 0, 64, 64 * 2048, kv_dtype=d) for d in ("bf16", kv_dtype)}
+    assert t[kv_dtype] <= t["bf16"]
+
+
+def row(policy, rate, latency, backlog=0.0, attainment=1.0, saturated=False):
+    return {"policy": policy, "rate": rate, "normalized_latency": latency, "backlog_fraction": backlog,
+            "slo_attainment": attainment, "saturated": saturated}
+
+
+def test_a_run_past_capacity_passes_the_papers_definition_and_fails_sustained():
+    # "x" keeps its mean normalized latency under 10 at 3 req/s, but left half its work at the last arrival
+    rows = [row("x", 1, 5.0), row("x", 2, 6.0), row("x", 3, 8.0, backlog=0.5), row("x", 4, 40.0, backlog=0.7)]
+    paper, _, _, _ = summarize(rows, [10.0], ["x"], max_backlog=math.inf, baseline="x")
+    sustained, _, _, _ = summarize(rows, [10.0], ["x"], max_backlog=0.1, baseline="x")
+    # paper: interpolated in log latency between 3 (8) and 4 (40) req/s; sustained: between 2 (6) and 3 (over)
+    assert paper["x"]["10"] == pytest.approx(3 + math.log(10 / 8) / math.log(40 / 8))
+    assert 2 <= sustained["x"]["10"] < 3
+
+
+def test_goodput_is_decided_by_the_90_percent_line():
+    rows = [row("a", 1, 1, attainment=1.0), row("a", 2, 1, attainment=0.91), row("a", 3, 1, attainment=0.5),
+            row("b", 1, 1, attainment=1.0), row("b", 2, 1, attainment=0.89), row("b", 3, 1, attainment=0.5)]
+    rate, notes, ratio = goodput(rows, ["a", "b"], baseline="b")
+    assert 2 <= rate["a"] < 3 and 1 <= rate["b"] < 2 and ratio["a"] > 1
+    tp = throughputs(rows, [2.0], ["a", "b"], baseline="b", reference="a")
+    assert set(tp) == {"paper", "sustained", "goodput"} and tp["goodput"]["max_rate"] == rate
+
+
+def test_slo_attainment_counts_requests_meeting_both_slos():
+    trace = synthetic("alpaca", 50, seed=3)
+    p = S.roofline_profile("a100-7b", max_num_seqs=8)
+    res = S.simulate(with_arrivals(trace, 0.5, seed=0), "fcfs", p)
+    ttft_slo, tpot_slo = S.unloaded_slos(trace, p, scale=1.5)
+    assert res.slo_attainment(ttft_slo, tpot_slo) >= 0.9           # light load: as good as alone
+    assert res.slo_attainment(0.0, tpot_slo) == 0.0                 # nobody's first token comes at once
+
+
+def test_a_systems_settings_reach_the_simulator():
+    trace = with_arrivals(synthetic("sharegpt", 150, seed=2), 6.0, seed=0)    # overloads a small pool
+    kw = dict(max_num_seqs=64)
+    runs = {}
+    for name in ("vllm", "alise"):
+        system = S.SYSTEMS[name]
+        profile = S.system_profile(system, "a100-40g-13b", **kw)
+        profile.num_blocks //= 8                                                # memory pressure
+        preds = S.SampledPredictions(S.ErrorModel.load(), 1) if system.policy == "alise" else None
+        runs[name] = (profile, S.simulate(trace, system.policy, profile, predictions=preds,
+                                          swap=system.preemption == "swap"))
+    vllm_profile, vllm = runs["vllm"]
+    alise_profile, alise = runs["alise"]
+    assert vllm.num_preemptions > 0 and vllm.swapped_tokens == 0 and vllm.recomputed_tokens > 0
+    assert alise_profile.kv_dtype == "int8" and vllm_profile.kv_dtype == "bf16"
+    assert alise_profile.num_blocks > 1.9 * vllm_profile.num_blocks          # int8 pages: about twice the tokens
+    assert alise.swapped_tokens > 0
+
+
+def test_bad_systems_name_the_flag_and_the_choices(capsys):
+    with pytest.raises(SystemExit, match="--systems.*vllm.*alise"):
+        main(["sim", "--systems", "vllm,tgi", "--num-requests", "10"])
+    with pytest.raises(SystemExit):
+        main(["sim", "--kv-dtype", "fp8", "--num-requests", "10"])
+    assert "--kv-dtype" in capsys.readouterr().err
