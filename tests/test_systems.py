@@ -87,3 +87,20 @@ def test_bad_systems_name_the_flag_and_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["sim", "--kv-dtype", "fp8", "--num-requests", "10"])
     assert "--kv-dtype" in capsys.readouterr().err
+
+
+def test_serve_systems_reach_the_engine(tiny_model_dir, tmp_path):
+    """serve --systems vllm,alise on the tiny model under memory pressure: vllm recomputes and never swaps,
+    alise's pool has int8 pages (1.8x the blocks in the same memory for head_dim 16)."""
+    import json
+    out = tmp_path / "serve.json"
+    main(["serve", "--model", str(tiny_model_dir), "--workload", "alpaca", "--num-requests", "12", "--rates", "50",
+          "--systems", "vllm,alise", "--max-tokens", "40", "--kv-cache-memory-gb", "4e-5", "--max-num-seqs", "6",
+          "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    engines, runs = report["engines"], {r["policy"]: r for r in report["results"]}
+    assert engines["vllm"]["kv_dtype"] == "bf16" and engines["alise"]["kv_dtype"] == "int8"
+    assert engines["alise"]["num_blocks"] > 1.5 * engines["vllm"]["num_blocks"]   # 36 vs 64 bytes a head
+    assert runs["vllm"]["swapped_tokens"] == 0 and runs["vllm"]["num_preemptions"] > 0
+    # alise's evictions go to host swap space (it has room), never to recompute
+    assert runs["alise"]["recomputed_tokens"] == 0 and engines["alise"]["scheduler"] == "alise"

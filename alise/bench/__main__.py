@@ -267,7 +267,7 @@ def auto_rates(trace, profile) -> list[float]:
 
 
 def _systems(args) -> list[str]:
-    if args.ablation:
+    if getattr(args, "ablation", False):
         return list(S.ABLATION)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     bad = [n for n in names if n not in S.SYSTEMS]
@@ -505,7 +505,9 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
          "p99_latency": float(np.percentile(lat, 99)), "ttft": float(ttft.mean()),
          "tokens_per_s": float(out.sum() / span), "requests_per_s": len(outs) / span, "num_requests": len(outs),
          "backlog_fraction": backlog,
-         "num_preemptions": int(sum(o.metrics.num_preemptions for o in outs)), "output_lens": out.tolist()}
+         "num_preemptions": int(sum(o.metrics.num_preemptions for o in outs)), "output_lens": out.tolist(),
+         "swapped_tokens": int(sum(o.metrics.num_swapped_tokens for o in outs)),
+         "recomputed_tokens": int(sum(o.metrics.num_recomputed_tokens for o in outs))}
     return m
 
 
@@ -513,7 +515,20 @@ def cmd_serve(args) -> dict:
     from tqdm.auto import tqdm
 
     from alise import LLM
-    policies = _policies(args.policies)
+    # entries: name -> the engine's options; a system brings its policy, KV pages and preemption mode
+    if args.systems:
+        names = _systems(args)
+        for n in names:
+            system = S.SYSTEMS[n]
+            if (system.preemption == "swap") != (system.policy != "fcfs"):
+                raise SystemExit(f"--systems: {n} ({system.description}) needs a preemption mode the engine ties "
+                                 "to its policy (fcfs recomputes, alise swaps); the simulator has it")
+        entries = {n: dict(scheduler=S.SYSTEMS[n].policy, kv_dtype=S.SYSTEMS[n].kv_dtype) for n in names}
+        baseline, reference = ("vllm" if "vllm" in names else names[0]), "oracle-int8"
+    else:
+        entries = {p: dict(scheduler=p) for p in _policies(args.policies)}
+        baseline, reference = "fcfs", "oracle"
+    policies = list(entries)
     trace = load_workload(args.workload, args.num_requests, args.seed)
     # the work is fixed (output_len, capped); max_tokens is the cap, which is all a predictor may know
     cap = args.max_tokens or max(t.max_tokens or t.output_len for t in trace)
@@ -523,34 +538,49 @@ def cmd_serve(args) -> dict:
           f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
           f"mean input {np.mean([t.prompt_len for t in trace]):.0f} / output "
           f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
-    results, samples = [], []
+    results, samples = [], {}
     engines = {}
-    for p in policies:
-        kw = dict(scheduler=p, max_num_seqs=args.max_num_seqs, seed=args.seed)
+    for p, options in entries.items():
+        kw = dict(options, max_num_seqs=args.max_num_seqs, seed=args.seed)
         if args.kv_cache_blocks:
             kw["kv_cache_blocks"] = args.kv_cache_blocks
-        if args.train and p == "alise":
+        if args.kv_cache_memory_gb:
+            kw["kv_cache_memory_gb"] = args.kv_cache_memory_gb
+        if args.train and options["scheduler"] == "alise":
             kw["predictor_history"] = args.train
         llm = LLM(args.model, **kw)
         engines[p] = llm
+        print(f"{p}: {llm.engine.runner.kv_dtype} KV pool of {llm.engine.allocator.num_blocks} blocks x "
+              f"{llm.engine.allocator.block_size} tokens, scheduler {llm.engine.config.scheduler}")
         for rate in rates:
             with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
-                m = serve_run(llm, trace, rate, args.seed, p, bar)
+                m = serve_run(llm, trace, rate, args.seed, options["scheduler"], bar)
+            m["policy"] = p
             results.append(m)
-            samples += list(llm.engine.step_samples)
+            samples.setdefault(llm.engine.runner.kv_dtype, []).extend(llm.engine.step_samples)
             llm.engine.step_samples.clear()
-    # calibration: the simulator with a cost model fitted to the engine's own measured steps, same trace
-    eng = next(iter(engines.values())).engine
-    sched = eng.scheduler
-    profile = S.fitted_profile(samples, num_blocks=sched.allocator.num_blocks, block_size=sched.allocator.block_size,
-                               max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
-                               max_model_len=eng.max_model_len, swap_capacity_bytes=sched.swap_space.capacity_bytes,
-                               swap_bytes_per_token=sched.swap_space.bytes_per_token, swap_bandwidth=5e9,
-                               name=f"cpu-{args.model}")
-    print(f"\nfitted cost model from {len(samples)} measured steps: {profile.cost} ({profile.description})")
+    # calibration: the simulator with a cost model fitted to the engine's own measured steps (one fitted profile
+    # per KV page format), same trace
+    profiles = {}
+    for p, llm in engines.items():
+        eng, kv_dtype = llm.engine, llm.engine.runner.kv_dtype
+        if kv_dtype in profiles:
+            continue
+        sched = eng.scheduler
+        profiles[kv_dtype] = S.fitted_profile(
+            samples[kv_dtype], num_blocks=sched.allocator.num_blocks, block_size=sched.allocator.block_size,
+            max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_model_len=eng.max_model_len, swap_capacity_bytes=sched.swap_space.capacity_bytes,
+            swap_bytes_per_token=sched.swap_space.bytes_per_token, swap_bandwidth=5e9,
+            name=f"cpu-{args.model}-{kv_dtype}", kv_dtype=kv_dtype)
+        print(f"\nfitted cost model ({kv_dtype} pages) from {len(samples[kv_dtype])} measured steps: "
+              f"{profiles[kv_dtype].cost} ({profiles[kv_dtype].description})")
+    profile = profiles[engines[baseline].engine.runner.kv_dtype]
     if args.save_profile:
-        profile.save(args.save_profile)
-        print(f"wrote {args.save_profile}")
+        for kv_dtype, prof in profiles.items():
+            path = args.save_profile if len(profiles) == 1 else f"{Path(args.save_profile).with_suffix('')}-{kv_dtype}.json"
+            prof.save(path)
+            print(f"wrote {path}")
     errors = S.ErrorModel.load(args.errors)
     calib = []
     for m in results:
@@ -558,13 +588,15 @@ def cmd_serve(args) -> dict:
                         for t, n in zip(trace, m["output_lens"])]
         timed = W.with_arrivals(served_trace, m["rate"], args.seed)
         preds = None
-        if m["policy"] == "alise":
+        engine = engines[m["policy"]].engine
+        if engine.config.scheduler == "alise":
             if all(t.prompt for t in timed):
-                embed = engines[m["policy"]].engine.predictor.embed       # the engine's own embedder
+                embed = engine.predictor.embed                           # the engine's own embedder
                 preds = S.RealPredictions(S.make_real_predictor(args.train, args.seed, embed=embed))
             else:
                 preds = S.SampledPredictions(errors, args.seed + 1)
-        sim = S.simulate(timed, m["policy"], profile, predictions=preds).metrics()
+        sim = S.simulate(timed, engine.config.scheduler, profiles[engine.runner.kv_dtype],
+                         predictions=preds).metrics()
         m["simulated_normalized_latency"] = sim["normalized_latency"]
         m["simulated_mean_latency"] = sim["mean_latency"]
         calib.append(m)
@@ -577,11 +609,13 @@ def cmd_serve(args) -> dict:
               f"{m['simulated_normalized_latency'] / m['normalized_latency']:>9.2f}")
     unloaded = S.unloaded_normalized_latency(trace, profile)
     bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
-    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies)
-    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle)
+    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies, baseline=baseline, reference=reference)
+    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, baseline=baseline, reference=reference)
     for m in results:
         m.pop("output_lens", None)
     report = {"kind": "serve", "workload": args.workload, "model": args.model, "num_requests": len(trace),
+              "engines": {p: {"scheduler": llm.engine.config.scheduler, "kv_dtype": llm.engine.runner.kv_dtype,
+                              "num_blocks": llm.engine.allocator.num_blocks} for p, llm in engines.items()},
               "seed": args.seed, "profile": profile.to_json(), "unloaded_normalized_latency": unloaded,
               "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
               "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
@@ -814,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default="smollm2")
     v.add_argument("--max-num-seqs", type=int, default=16)
     v.add_argument("--kv-cache-blocks", type=int, default=None)
+    v.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="size the KV pool in memory instead of blocks (systems: int8 pages then hold ~2x the tokens)")
+    v.add_argument("--systems", help="compare systems instead of policies: vllm, alise, vllm+int8, alise-int4 "
+                   "(policy + KV pages; the engine's fcfs recomputes and alise swaps)")
     v.add_argument("--max-tokens", type=int, default=64, help="cap the trace's output lengths (CPU is slow)")
     v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
     v.set_defaults(func=cmd_serve, num_requests=24, workload="mtbench")
