@@ -339,7 +339,7 @@ def cmd_sim(args) -> dict:
     print(f"workload: {args.workload}, {len(trace)} requests (seed {args.seed}), mean input {p_mean:.1f} / output "
           f"{o_mean:.1f} tokens")
     for name, (pol, prof, swap) in entries.items():
-        what = (f"system {name}: {S.SYSTEMS[name].description}; " if name in S.SYSTEMS and name != pol else "")
+        what = f"system {name}: {S.SYSTEMS[name].description}; " if args.systems or args.ablation else ""
         print(f"{what}profile {prof.name} [{prof.kind}]: {prof.description}")
         print(f"  cost model: {prof.cost}; max_num_seqs {prof.max_num_seqs}, max_num_batched_tokens "
               f"{prof.max_num_batched_tokens}")
