@@ -214,9 +214,10 @@ def _init_worker() -> None:
 
 
 def sweep(policies: list[str], rates: list[float], workers: int, progress: bool = True,
-          max_backlog: float = MAX_BACKLOG) -> list[dict]:
+          max_backlog: float = MAX_BACKLOG, max_bound: float = math.inf) -> list[dict]:
     """Each policy climbs the rate grid; after a run stopped past saturation, or three runs in a row that did
-    not keep up with their arrivals, its higher rates are skipped."""
+    not keep up with their arrivals and were above ``max_bound`` (over every bound under every definition), its
+    higher rates are skipped."""
     from tqdm.auto import tqdm
     results: list[dict] = []
     nxt = {p: 0 for p in policies}
@@ -228,7 +229,8 @@ def sweep(policies: list[str], rates: list[float], workers: int, progress: bool 
         results.append(m)
         bar.update(1)
         bar.set_postfix_str(f"{p} {m['rate']:.3g} req/s: {m['normalized_latency'] * 1e3:.1f} ms/tok")
-        overloaded[p] = 0 if sustained(m, max_backlog) else overloaded[p] + 1
+        over = not sustained(m, max_backlog) and m["normalized_latency"] > max_bound
+        overloaded[p] = overloaded[p] + 1 if over else 0
         if m.get("saturated") or overloaded[p] >= 3:     # well past saturation: higher rates say nothing more
             bar.update(len(rates) - nxt[p])
             nxt[p] = len(rates)
@@ -357,7 +359,8 @@ def cmd_sim(args) -> dict:
                 embed=embed, stop_above=stop_above, predictions_note=note, slos=slos)
     t0 = time.perf_counter()
     workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
-    results = sweep(policies, rates, workers, progress=not args.quiet, max_backlog=args.max_backlog)
+    results = sweep(policies, rates, workers, progress=not args.quiet, max_backlog=args.max_backlog,
+                    max_bound=max(bounds))
     elapsed = time.perf_counter() - t0
     for r in results:
         r["sustained"] = sustained(r, args.max_backlog)
