@@ -21,12 +21,13 @@ from alise.sched.cost import MIN_FIT_SAMPLES, CostModel
 from alise.sched.policy import make_policy
 from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
+from alise.sched.speculation import Speculation
 from alise.tokenizer import IncrementalDecoder, Tokenizer
 from alise import kernels
 
 COST_REFIT_EVERY = 64        # steps between refits of the cost model to measured step times
-# and early ones: until the first fit the ranking runs on the default costs, which can be 10x off (a CPU step
-# costs ~35 ms, not 5); every request then looks overdue and running ones get evicted for waiting ones
+# and early ones: until the first fit the ranking runs on the default costs, whose ratio of prefill to decode
+# cost can be far from this machine's
 EARLY_REFITS = (4, 8, 16, 32)
 COST_SAMPLES_KEPT = 1024
 
@@ -91,11 +92,14 @@ class LLMEngine:
         self.step_samples: list[tuple[int, int, int, float]] = []
         self.num_steps = 0
         self.policy = make_policy(config.scheduler, self.cost)
-        self.predictor = self._make_predictor(config) if config.scheduler == "alise" else None
+        # ALISE's length speculation (predict at arrival, re-estimate, learn online): sched/speculation.py
+        speculation = Speculation(self._make_predictor(config)) if config.scheduler == "alise" else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
         swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap_bytes_per_token)
         self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap)
+                                   max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap,
+                                   speculation=speculation, eos_token_ids=self.eos_token_ids,
+                                   max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         # one lock around every change of engine state: threads may add, step, abort and pop concurrently
@@ -114,6 +118,18 @@ class LLMEngine:
         if config.predictor_history:
             predictor.load_history(config.predictor_history)
         return predictor
+
+    @property
+    def predictor(self):
+        """The ALISE length predictor (None unless scheduler="alise")."""
+        speculation = self.scheduler.speculation
+        return None if speculation is None else speculation.predictor
+
+    @predictor.setter
+    def predictor(self, predictor) -> None:
+        if self.scheduler.speculation is None:
+            raise ValueError("this engine's scheduler does not speculate (scheduler='alise' does)")
+        self.scheduler.speculation.predictor = predictor
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -172,11 +188,7 @@ class LLMEngine:
             request.error = error
             self._finish(request, "abort")
             return request_id
-        if self.predictor is not None:
-            request.predicted_output_len = self.predictor.predict(text if text is not None else token_ids,
-                                                                  max_tokens=params.max_tokens)
-            request.arrival_predicted_output_len = request.predicted_output_len
-        self.scheduler.add(request)
+        self.scheduler.add(request)         # (predicts its output length, when the scheduler speculates)
         return request_id
 
     def _check_prompt(self, token_ids: list[int]) -> str | None:
@@ -234,43 +246,16 @@ class LLMEngine:
         elapsed = time.perf_counter() - start
         if not result.compiled_now:     # a minute of compiling would skew the step-cost fit for a long while
             self._record_step(batch, elapsed)
-        now = time.monotonic()
-        progressed = []
-        for r, n in zip(batch.requests, batch.num_new_tokens):
-            r.num_computed_tokens += n
+        for r in batch.requests:
             if id(r) in result.prompt_logprobs:
                 r.prompt_logprobs += result.prompt_logprobs[id(r)]
-            token = result.sampled.get(id(r))
-            if token is None:
-                continue
-            r.output_token_ids.append(token)
-            if r.first_token_time is None:
-                r.first_token_time = now
-            reason = self._stop_reason(r, token)
-            if reason:
-                self._finish(r, reason)
-            elif self.predictor is not None and r.num_output_tokens >= (r.predicted_output_len or 0):
-                # outlived its prediction: re-estimate from what it has produced so far
-                r.predicted_output_len = r.num_output_tokens + self.predictor.predict_remaining(
-                    r.prompt if r.prompt is not None else r.prompt_token_ids, r.num_output_tokens,
-                    max_tokens=r.params.max_tokens)
-            progressed.append(r)
-        return progressed
-
-    def _stop_reason(self, r: Request, token: int) -> str | None:
-        if token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        # a sequence may not outgrow the model's context nor the whole KV pool (it could never run again)
-        if (r.num_output_tokens >= r.params.max_tokens or r.num_tokens >= self.max_model_len
-                or self.allocator.blocks_for(r.num_tokens + 1) > self.allocator.num_blocks):
-            return "length"
-        return None
+        self.scheduler.postprocess(batch, result.sampled, time.monotonic())
+        return list(batch.requests)
 
     def _finish(self, r: Request, reason: str) -> None:
+        """Finish ``r`` outside a step (an aborted or refused request): nothing is learnt from it."""
         self.scheduler.finish(r)
         r.finish_reason, r.finish_time = reason, time.monotonic()
-        if self.predictor is not None and reason != "abort":   # online learning from every finished request
-            self.predictor.observe(r.prompt if r.prompt is not None else r.prompt_token_ids, r.num_output_tokens)
 
     def _record_step(self, batch, elapsed: float) -> None:
         """Keep measured step times and refit the cost model the speculative policy ranks with."""

@@ -89,7 +89,7 @@ def test_alise_with_perfect_predictions_matches_oracle():
     p = profile(num_blocks=400, block_size=16, max_num_seqs=32, max_num_batched_tokens=512,
                 swap_capacity_bytes=10**9)
     perfect = S.ErrorModel(np.zeros(101), np.zeros(101))
-    alise = S.simulate(trace, "alise", p, predictions=S.SampledPredictions(perfect))
+    alise = S.simulate(trace, "alise", p, predictions=S.SampledSpeculation(perfect))
     oracle = S.simulate(trace, "oracle", p)
     assert alise.num_preemptions > 0                   # the memory is tight enough for the policy to matter
     assert alise.finish.tolist() == pytest.approx(oracle.finish.tolist())
@@ -102,7 +102,7 @@ def test_memory_pressure_every_request_finishes(policy):
     trace = with_arrivals(synthetic("sharegpt", 120, seed=5), rate=30.0, seed=2)
     p = profile(num_blocks=200, block_size=16, max_num_seqs=16, max_num_batched_tokens=512,
                 swap_capacity_bytes=20_000, swap_bytes_per_token=1, swap_bandwidth=1e5)
-    preds = S.SampledPredictions(S.ErrorModel.default(), seed=0)
+    preds = S.SampledSpeculation(S.ErrorModel.default(), seed=0)
     res = S.simulate(trace, policy, p, predictions=preds)
     assert not np.isnan(res.finish).any() and not res.saturated
     assert res.output_len.tolist() == [t.output_len for t in trace]
@@ -120,8 +120,8 @@ def test_swap_traffic_costs_time():
     kw = dict(num_blocks=150, block_size=16, max_num_seqs=16, max_num_batched_tokens=512,
               swap_capacity_bytes=10**9, swap_bytes_per_token=1000)
     perfect = S.ErrorModel(np.zeros(101), np.zeros(101))
-    fast = S.simulate(trace, "oracle", profile(swap_bandwidth=1e15, **kw), predictions=S.SampledPredictions(perfect))
-    slow = S.simulate(trace, "oracle", profile(swap_bandwidth=1e6, **kw), predictions=S.SampledPredictions(perfect))
+    fast = S.simulate(trace, "oracle", profile(swap_bandwidth=1e15, **kw), predictions=S.SampledSpeculation(perfect))
+    slow = S.simulate(trace, "oracle", profile(swap_bandwidth=1e6, **kw), predictions=S.SampledSpeculation(perfect))
     assert fast.swapped_tokens > 0
     assert slow.busy_time > fast.busy_time + 0.5 * fast.swapped_tokens * 1000 / 1e6
 
@@ -301,3 +301,60 @@ def test_benchmarks_do_not_leak_true_lengths_to_the_predictor(tiny_model_dir):
     records = burst_run(llm, trace, max_tokens=30)
     assert [r["output_len"] for r in records] == [3, 6] and set(recorder.caps) == {30}
     assert llm.engine.predictor is recorder and not llm.engine.requests
+
+
+@pytest.mark.parametrize("policy", ["oracle", "fcfs"])
+def test_the_simulator_and_the_engine_make_the_same_schedule(tiny_model_dir, policy):
+    """One loop: a burst on the tiny model through the engine, with a fixed cost model instead of the wall clock,
+    and through the simulator with the same limits, gives the same batches (requests and tokens per step), the
+    same preemptions and the same swaps."""
+    import torch
+
+    from alise import LLM, SamplingParams
+    from alise.sched.cost import CostModel
+    g = torch.Generator().manual_seed(5)
+    prompt_lens = torch.randint(5, 40, (10,), generator=g).tolist()
+    output_lens = torch.randint(2, 30, (10,), generator=g).tolist()
+    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler=policy, kv_cache_blocks=10, block_size=8,
+              max_num_seqs=4, max_num_batched_tokens=48, swap_space_gb=2e-5)
+    engine = llm.engine
+    engine._record_step = lambda *args: None          # the policy keeps CostModel()'s costs, as the profile does
+    log = {}
+
+    def logged(scheduler, key):
+        schedule = scheduler.schedule
+
+        def run():
+            b = schedule()
+            log.setdefault(key, []).append(([(r.request_id, n) for r, n in zip(b.requests, b.num_new_tokens)],
+                                            sorted(r.request_id for r in b.preempted),
+                                            sorted(r.request_id for r, _ in b.swap_out),
+                                            sorted(r.request_id for r, _ in b.swap_in)))
+            return b
+        scheduler.schedule = run
+    logged(engine.scheduler, "engine")
+    for i, (p, n) in enumerate(zip(prompt_lens, output_lens)):
+        engine.add_request([3 + (7 * j + i) % 300 for j in range(p)], SamplingParams(max_tokens=n, ignore_eos=True),
+                           arrival_time=0.0, true_output_len=n if policy == "oracle" else None)
+    while engine.has_unfinished():
+        engine.step()
+    swap = engine.scheduler.swap_space
+    p = S.Profile("tiny", CostModel(), num_blocks=10, block_size=8, max_num_seqs=4, max_num_batched_tokens=48,
+                  max_model_len=engine.max_model_len, swap_capacity_bytes=swap.capacity_bytes,
+                  swap_bytes_per_token=swap.bytes_per_token)
+    trace = [TraceRequest(pl, n, arrival=0.0, max_tokens=n) for pl, n in zip(prompt_lens, output_lens)]
+    original = S.Scheduler
+
+    class Logged(original):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            logged(self, "simulator")
+    S.Scheduler = Logged
+    try:
+        S.simulate(trace, policy, p)
+    finally:
+        S.Scheduler = original
+    assert log["engine"] == log["simulator"]
+    assert any(pre for _, pre, _, _ in log["engine"]), "the small pool should force preemptions"
+    if policy == "oracle":
+        assert any(out for _, _, out, _ in log["engine"]), "and swaps"

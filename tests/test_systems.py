@@ -70,7 +70,7 @@ def test_a_systems_settings_reach_the_simulator():
         system = S.SYSTEMS[name]
         profile = S.system_profile(system, "a100-40g-13b", **kw)
         profile.num_blocks //= 8                                                # memory pressure
-        preds = S.SampledPredictions(S.ErrorModel.load(), 1) if system.policy == "alise" else None
+        preds = S.SampledSpeculation(S.ErrorModel.load(), 1) if system.policy == "alise" else None
         runs[name] = (profile, S.simulate(trace, system.policy, profile, predictions=preds,
                                           swap=system.preemption == "swap"))
     vllm_profile, vllm = runs["vllm"]

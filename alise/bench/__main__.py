@@ -188,9 +188,9 @@ def _run(name: str, rate: float) -> dict:
     predictions = None
     if policy == "alise":
         if c["has_text"]:
-            predictions = S.RealPredictions(S.make_real_predictor(c["train"], c["seed"], embed=c["embed"]))
+            predictions = S.Speculation(S.make_real_predictor(c["train"], c["seed"], embed=c["embed"]))
         else:
-            predictions = S.SampledPredictions(c["errors"], c["seed"] + 1)
+            predictions = S.SampledSpeculation(c["errors"], c["seed"] + 1)
     t0 = time.perf_counter()
     res = S.simulate(trace, policy, profile, predictions=predictions, stop_above=c["stop_above"], swap=swap)
     m = res.metrics()
@@ -421,39 +421,25 @@ def _write(report: dict, args) -> None:
 
 # -- serve ----------------------------------------------------------------------------------------------------
 
-class CappedPredictions:
-    """The engine's predictor, clamped at the workload's output cap instead of each request's ``max_tokens``.
-
-    The benchmarks fix each request's work by setting ``max_tokens`` to its true length (``ignore_eos``); the
-    engine clamps predictions to ``max_tokens``, which would hand the predictor the answer."""
-
-    def __init__(self, predictor, cap: int):
-        self.predictor, self.cap = predictor, cap
-
-    def predict(self, prompt, max_tokens=None) -> int:
-        return self.predictor.predict(prompt, max_tokens=self.cap)
-
-    def predict_remaining(self, prompt, generated: int, max_tokens=None) -> int:
-        return self.predictor.predict_remaining(prompt, generated, max_tokens=self.cap)
-
-    def observe(self, prompt, output_len: int) -> None:
-        self.predictor.observe(prompt, output_len)
-
-
 def capped(engine, cap: int):
-    """Context: the engine's predictor (if any) clamped at ``cap`` while a benchmark runs."""
+    """Context: the engine's length speculation clamped at the workload's output ``cap`` while a benchmark runs.
+
+    The benchmarks fix each request's work by setting ``max_tokens`` to its true length (``ignore_eos``); a
+    prediction clamped at ``max_tokens`` would hand the predictor the answer."""
     import contextlib
 
     @contextlib.contextmanager
-    def swap():
-        original = engine.predictor
-        if original is not None:
-            engine.predictor = CappedPredictions(original, cap)
+    def clamp():
+        speculation = engine.scheduler.speculation
+        if speculation is None:
+            yield
+            return
+        before, speculation.cap = speculation.cap, cap
         try:
             yield
         finally:
-            engine.predictor = original
-    return swap()
+            speculation.cap = before
+    return clamp()
 
 
 def _serve_loop(engine, timed, order, ids, start, policy, progress) -> float:
@@ -595,9 +581,9 @@ def cmd_serve(args) -> dict:
         if engine.config.scheduler == "alise":
             if all(t.prompt for t in timed):
                 embed = engine.predictor.embed                           # the engine's own embedder
-                preds = S.RealPredictions(S.make_real_predictor(args.train, args.seed, embed=embed))
+                preds = S.Speculation(S.make_real_predictor(args.train, args.seed, embed=embed))
             else:
-                preds = S.SampledPredictions(errors, args.seed + 1)
+                preds = S.SampledSpeculation(errors, args.seed + 1)
         sim = S.simulate(timed, engine.config.scheduler, profiles[engine.runner.kv_dtype],
                          predictions=preds).metrics()
         m["simulated_normalized_latency"] = sim["normalized_latency"]

@@ -236,12 +236,10 @@ def bench_scheduler(policy_name: str, num_requests: int, steps: int, seed: int =
         t = time.perf_counter()
         batch = scheduler.schedule()
         times.append(time.perf_counter() - t)
-        for r, n in zip(batch.requests, batch.num_new_tokens):   # the fake executor
-            r.num_computed_tokens += n
-            if r.num_computed_tokens == r.num_tokens:
-                r.output_token_ids.append(0)
-                if r.num_output_tokens >= r.true_output_len:
-                    scheduler.finish(r)
+        # the fake executor: a token for every request whose step covers its last pending token
+        sampled = {id(r): 0 for r, n in zip(batch.requests, batch.num_new_tokens)
+                   if r.num_computed_tokens + n == r.num_tokens}
+        scheduler.postprocess(batch, sampled, 0.0)       # finishes each at max_tokens (its true length)
         for r, _ in batch.swap_out:
             r.swapped_kv = object()
     times.sort()

@@ -1,19 +1,19 @@
 """Discrete-event simulator: the engine's scheduler on a clock instead of a model.
 
-What is real here, and shared with the engine: ``Scheduler``, ``BlockAllocator``, ``SwapSpace``, the policies
-(``make_policy``) and, for workloads with text, the ``LengthPredictor``. ``simulate`` drives them exactly as
-``LLMEngine.step`` does:
+What is real here, and shared with the engine: ``Scheduler`` (``add``, ``schedule`` and the post-step
+bookkeeping ``postprocess``), ``BlockAllocator``, ``SwapSpace``, the policies (``make_policy``) and the
+speculation (``alise.sched.speculation``: the real ``LengthPredictor`` for workloads with text). The simulator
+supplies only what the model would:
 
-1. requests whose arrival time has come are added between steps (``predicted_output_len`` is set at arrival
-   by the predictor, as ``add_request`` does; a prompt the engine would refuse is an error here);
+1. requests whose arrival time has come are added between steps (``Scheduler.add`` predicts their length, as in
+   the engine; a prompt the engine would refuse is an error here);
 2. ``scheduler.schedule()`` picks the step;
 3. the executor is the clock: the step takes ``CostModel.step_time(num_prefill_tokens, num_decode_seqs,
    context)`` (context = the batch's cached tokens before the step, as ``engine._record_step`` measures it)
    plus the swap traffic (blocks swapped out or in x block size x bytes per swapped token / swap bandwidth);
-4. every request in the batch advances ``num_computed_tokens``; one whose pending tokens are all computed
-   samples a token (the first sets ``first_token_time``); it finishes at its true output length ("stop"), or at
-   the engine's "length" limits; otherwise, when it has outlived its prediction, the predictor re-estimates
-   (``predict_remaining``); finished requests go to ``scheduler.finish`` and ``predictor.observe``.
+4. the token values: every request whose step covers its last pending token samples a placeholder token, or the
+   end-of-sequence token when the trace says it is the request's last; ``Scheduler.postprocess`` then does
+   exactly what it does in the engine (append, stop, finish, re-estimate when outlived, learn on finish).
 
 Time advances by the cost model only. The profile (``Profile``) holds the cost model, the KV pool (blocks),
 the batch limits and the swap space and bandwidth. Profiles:
@@ -50,8 +50,10 @@ from alise.sched.policy import make_policy
 from alise.sched.predictor import clamp_length
 from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
+from alise.sched.speculation import SampledSpeculation, Speculation   # noqa: F401 (the simulator's predictions)
 
 GiB = 1 << 30
+TOKEN, END = 0, 1      # the simulator's token values: any token, and the end-of-sequence token
 ERRORS_PATH = Path(__file__).with_name("predictor_errors.json")
 
 
@@ -360,43 +362,6 @@ def _erfinv(y: np.ndarray) -> np.ndarray:
     return x
 
 
-class SampledPredictions:
-    """Predictions drawn from an ``ErrorModel`` around the true lengths (length-only workloads)."""
-
-    def __init__(self, errors: ErrorModel, seed: int = 0):
-        self.errors, self.rng = errors, np.random.default_rng(seed)
-
-    def at_arrival(self, r: Request, t: TraceRequest) -> int:
-        est = t.output_len * math.exp(self.errors.sample("arrival", self.rng))
-        return clamp_length(est, 1, r.params.max_tokens)
-
-    def when_outlived(self, r: Request, t: TraceRequest) -> int:
-        g = r.num_output_tokens
-        true_rem = max(t.output_len - g, 1)
-        est = true_rem * math.exp(self.errors.sample("remaining", self.rng))
-        return g + clamp_length(est, 1, max(1, r.params.max_tokens - g))
-
-    def finished(self, r: Request, t: TraceRequest) -> None:
-        pass
-
-
-class RealPredictions:
-    """The engine's ``LengthPredictor`` on the request's text, exactly as ``LLMEngine`` calls it."""
-
-    def __init__(self, predictor):
-        self.p = predictor
-
-    def at_arrival(self, r: Request, t: TraceRequest) -> int:
-        return self.p.predict(t.prompt, max_tokens=r.params.max_tokens)
-
-    def when_outlived(self, r: Request, t: TraceRequest) -> int:
-        return r.num_output_tokens + self.p.predict_remaining(t.prompt, r.num_output_tokens,
-                                                              max_tokens=r.params.max_tokens)
-
-    def finished(self, r: Request, t: TraceRequest) -> None:
-        self.p.observe(t.prompt, r.num_output_tokens)
-
-
 class CachedEmbed:
     """A prompt embedder (MiniLM when none is given) with a cache that outlives one predictor, so that every run
     of a sweep builds a fresh predictor (its own online learning) without embedding the same prompts again."""
@@ -539,7 +504,7 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
              default_max_tokens: int = 2048, stop_above: float = math.inf, swap: bool | None = None) -> RunResult:
     """Run ``trace`` (with arrival times) under ``policy`` on ``profile``; see the module docstring.
 
-    ``predictions``: a ``RealPredictions`` or ``SampledPredictions`` for the ALISE policy (required for it;
+    ``predictions``: a ``Speculation`` or ``SampledSpeculation`` for the ALISE policy (required for it;
     ignored by FCFS, which never predicts, and by the oracle, whose ranking uses the true lengths).
     ``swap``: whether preempted KV may go to host swap space (None: the policy's own default; a ``System``'s
     preemption mode sets it).
@@ -551,16 +516,18 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
     if any(t.arrival is None for t in trace):
         raise ValueError("every request needs an arrival time (see workloads.with_arrivals)")
     if policy == "alise" and predictions is None:
-        raise ValueError("the alise policy needs predictions (RealPredictions or SampledPredictions)")
+        raise ValueError("the alise policy needs predictions (a Speculation or SampledSpeculation)")
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     cost = profile.cost
     scheduling = make_policy(policy, cost)
     if swap is not None:
         scheduling.swap_preempted = swap
+    speculation = predictions if policy == "alise" else None
     sched = Scheduler(policy=scheduling,
                       allocator=BlockAllocator(profile.num_blocks, profile.block_size),
                       max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
-                      swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token))
+                      swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token),
+                      speculation=speculation, eos_token_ids=(END,), max_model_len=profile.max_model_len)
     alloc = sched.allocator
     n = len(trace)
     reqs: list[Request | None] = [None] * n
@@ -568,7 +535,6 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
     first_token, finish = np.full(n, np.nan), np.full(n, np.nan)
     predicted = np.zeros(n)
     out_len = np.zeros(n, dtype=np.int64)
-    predictor = predictions if policy == "alise" else None
     now, nxt = 0.0, 0
     steps = preemptions = swapped = recomputed = 0
     busy = 0.0
@@ -583,12 +549,8 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
             t = trace[i]
             r = _make_request(i, t, default_max_tokens, profile)
             reqs[i], index[id(r)] = r, i
-            if predictor is not None:
-                r.predicted_output_len = predictor.at_arrival(r, t)
-            elif policy == "oracle":
-                r.predicted_output_len = t.output_len
-            predicted[i] = r.predicted_output_len or 0
-            sched.add(r)
+            sched.add(r)                              # (the speculation predicts its length here)
+            predicted[i] = r.predicted_output_len or (t.output_len if policy == "oracle" else 0)
             inv_out_sum += 1.0 / t.output_len
             arr_over_out_sum += t.arrival / t.output_len
             nxt += 1
@@ -620,28 +582,20 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
         swapped += swap_tokens
         now += dt
         busy += dt
+        # the "model": every request whose step covers its last pending token samples one; the token ends the
+        # request (END) when it is the request's last, as the trace says
+        sampled = {}
         for r, k in zip(batch.requests, batch.num_new_tokens):
             if r.num_computed_tokens == 0 and r.num_output_tokens > 0:
                 recomputed += r.num_tokens              # re-prefill of a request whose KV was dropped
-            r.num_computed_tokens += k
-            if r.num_computed_tokens < r.num_tokens:
-                continue                                # a prefill chunk: no token sampled yet
+            if r.num_computed_tokens + k >= r.num_tokens:
+                sampled[id(r)] = END if r.num_output_tokens + 1 >= r.true_output_len else TOKEN
+        for r in sched.postprocess(batch, sampled, now):
             i = index[id(r)]
-            r.output_token_ids.append(0)
-            if r.first_token_time is None:
-                r.first_token_time = now
-            if (r.num_output_tokens >= trace[i].output_len or r.num_output_tokens >= r.params.max_tokens
-                    or r.num_tokens >= profile.max_model_len or alloc.blocks_for(r.num_tokens + 1) > alloc.num_blocks):
-                sched.finish(r)
-                r.finish_reason, r.finish_time = "stop", now
-                first_token[i], finish[i], out_len[i] = r.first_token_time, now, r.num_output_tokens
-                done_sum += (now - trace[i].arrival) / trace[i].output_len
-                inv_out_sum -= 1.0 / trace[i].output_len
-                arr_over_out_sum -= trace[i].arrival / trace[i].output_len
-                if predictor is not None:
-                    predictor.finished(r, trace[i])
-            elif predictor is not None and r.num_output_tokens >= (r.predicted_output_len or 0):
-                r.predicted_output_len = predictor.when_outlived(r, trace[i])
+            first_token[i], finish[i], out_len[i] = r.first_token_time, now, r.num_output_tokens
+            done_sum += (now - trace[i].arrival) / trace[i].output_len
+            inv_out_sum -= 1.0 / trace[i].output_len
+            arr_over_out_sum -= trace[i].arrival / trace[i].output_len
     arrival = np.array([t.arrival for t in trace])
     unfinished = np.isnan(finish)
     if unfinished.any():                 # stopped early: what is left counts as finishing now (a lower bound)
@@ -651,7 +605,8 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
             first_token[i] = r.first_token_time if r is not None and r.first_token_time is not None else finish[i]
             out_len[i] = trace[i].output_len
     return RunResult(policy, None, arrival, first_token, finish, np.maximum(out_len, 1), predicted, steps,
-                     preemptions, swapped, recomputed, busy, predictions=type(predictor).__name__ if predictor else "",
+                     preemptions, swapped, recomputed, busy,
+                     predictions=type(speculation).__name__ if speculation else "",
                      saturated=saturated, num_unfinished=int(unfinished.sum()), backlog_fraction=backlog)
 
 
@@ -660,7 +615,7 @@ def _make_request(i: int, t: TraceRequest, default_max_tokens: int, profile: Pro
     if t.prompt_len + 1 >= profile.max_model_len or -(-(t.prompt_len + 1) // profile.block_size) > profile.num_blocks:
         raise ValueError(f"request {i}: a prompt of {t.prompt_len} tokens does not fit profile {profile.name} "
                          f"(max_model_len {profile.max_model_len}, {profile.num_blocks} KV blocks)")
-    r = Request(str(i), [0] * t.prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+    r = Request(str(i), [TOKEN] * t.prompt_len, SamplingParams(max_tokens=max_tokens),
                 arrival_time=t.arrival, prompt=t.prompt)
     r.true_output_len = t.output_len
     return r

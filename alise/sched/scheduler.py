@@ -13,6 +13,9 @@ Each step (``schedule``):
    policy allows it and the swap space has room, else dropped, to be recomputed later. A running request
    that still cannot grow gives up its own KV the same way, so higher-ranked work always progresses.
 
+4. **Postprocess** (``postprocess``, after the executor ran the step): tokens appended, requests stopped and
+   finished, the length speculation told (``speculation.py``); the engine and the simulator share it.
+
 The scheduler never touches tensors. Swaps are listed in the step's ``ScheduledBatch`` and carried out by
 the executor (the model runner, or the simulator's clock) before the forward pass: swap-outs read blocks
 freed in this step before anything writes into them.
@@ -44,10 +47,19 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """``add`` requests, ``schedule`` a step, let the executor run it, ``postprocess`` its tokens; the engine and
+    the simulator drive it the same way (the simulator's executor is a clock and its tokens are placeholders).
+
+    ``speculation``: ALISE's length speculation (``speculation.py``), or None. ``eos_token_ids`` and
+    ``max_model_len``: the model's stop tokens and context limit, for ``stop_reason``.
+    """
+
     def __init__(self, *, policy, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 swap_space: SwapSpace | None = None):
+                 swap_space: SwapSpace | None = None, speculation=None, eos_token_ids: tuple = (),
+                 max_model_len: int | None = None):
         self.policy, self.allocator, self.swap_space = policy, allocator, swap_space
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.speculation, self.eos_token_ids, self.max_model_len = speculation, tuple(eos_token_ids), max_model_len
         self.running: list[Request] = []
         self.waiting: list[Request] = []   # WAITING (no KV) and PREEMPTED (KV in the pool or swapped out)
         self._evicted: set[int] = set()
@@ -55,6 +67,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.arrival_step = self.num_steps
+        if self.speculation is not None:
+            self.speculation.at_arrival(request)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -161,6 +175,41 @@ class Scheduler:
     def _swap_tokens(self, request: Request) -> int:
         """Swap space a request's KV takes: whole blocks are copied out."""
         return self.allocator.blocks_for(request.num_computed_tokens) * self.allocator.block_size
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int], now: float) -> list[Request]:
+        """The bookkeeping after a step: advance each request's computed tokens, append the tokens sampled for
+        it (``sampled``: id(request) -> token, for requests whose step covered their last pending token), stop
+        and finish requests, and let the speculation re-estimate or learn. Returns the finished requests."""
+        finished = []
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+            token = sampled.get(id(r))
+            if token is None:                     # a prefill chunk that did not reach the prompt's end
+                continue
+            r.output_token_ids.append(token)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            reason = self.stop_reason(r, token)
+            if reason:
+                self.finish(r)
+                r.finish_reason, r.finish_time = reason, now
+                finished.append(r)
+                if self.speculation is not None:
+                    self.speculation.finished(r)
+            elif self.speculation is not None and r.num_output_tokens >= (r.predicted_output_len or 0):
+                self.speculation.when_outlived(r)
+        return finished
+
+    def stop_reason(self, r: Request, token: int) -> str | None:
+        """"stop" (a stop or end-of-sequence token), "length" (``max_tokens``, or no room left to grow), or None."""
+        if token in r.params.stop_token_ids or (not r.params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        # a sequence may not outgrow the model's context nor the whole KV pool (it could never run again)
+        if (r.num_output_tokens >= r.params.max_tokens
+                or (self.max_model_len is not None and r.num_tokens >= self.max_model_len)
+                or self.allocator.blocks_for(r.num_tokens + 1) > self.allocator.num_blocks):
+            return "length"
+        return None
 
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free everything it holds."""
