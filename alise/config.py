@@ -1,10 +1,11 @@
 """EngineConfig: every knob of the engine in one place, validated with errors that name the argument."""
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
+
+from alise.sampling import is_finite_real
 
 KV_DTYPE_CHOICES = ("auto", "bf16", "int8", "int4")
 SCHEDULER_CHOICES = ("fcfs", "alise", "oracle")
@@ -62,9 +63,9 @@ class EngineConfig:
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
         if self.kv_cache_memory_gb is not None and \
-                (not _is_finite_number(self.kv_cache_memory_gb) or not self.kv_cache_memory_gb > 0):
+                (not is_finite_real(self.kv_cache_memory_gb) or not self.kv_cache_memory_gb > 0):
             raise ValueError(f"kv_cache_memory_gb must be None or a finite number > 0, got {self.kv_cache_memory_gb!r}")
-        if not _is_finite_number(self.swap_space_gb) or not self.swap_space_gb >= 0:
+        if not is_finite_real(self.swap_space_gb) or not self.swap_space_gb >= 0:
             raise ValueError(f"swap_space_gb must be a finite number >= 0, got {self.swap_space_gb!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be a bool, got {self.compile!r}")
@@ -85,13 +86,3 @@ def _choice(name: str, value, choices: tuple) -> None:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _is_finite_number(value) -> bool:
-    """A finite int or float; not a bool, not a string (an int too large for a float is not finite either)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False

@@ -9,12 +9,12 @@ import torch
 SEED_MAX = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit seed; the engine draws its own below 2**62
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """An int that is not a bool (``True`` is an int to Python, not a count or a seed)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_real(value) -> bool:
+def is_finite_real(value) -> bool:
     """A finite int or float, not a bool (an int too large for a float is not finite either)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -42,18 +42,18 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
-        if not _is_finite_real(self.temperature) or self.temperature < 0:
+        if not is_finite_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_finite_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_finite_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or \
-                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+                not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
             raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {self.seed!r}")
         for name in ("ignore_eos", "prompt_logprobs"):
             if not isinstance(getattr(self, name), bool):
