@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from alise.config import EngineConfig
 from alise.hub import resolve_model
 from alise.model import Llama
 from alise.runner import KEY_CALIBRATION_TOKENS, ModelRunner, key_calibration_text
-from alise.sampling import SamplingParams
+from alise.sampling import SamplingParams, is_finite_real, is_int
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import MIN_FIT_SAMPLES, CostModel
 from alise.sched.policy import make_policy
@@ -146,11 +145,9 @@ class LLMEngine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id is not None and not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string or None, got {type(request_id).__name__}")
-        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
-                                         or not math.isfinite(arrival_time)):
+        if arrival_time is not None and not is_finite_real(arrival_time):
             raise ValueError(f"arrival_time must be a finite number (time.monotonic() seconds), got {arrival_time!r}")
-        if true_output_len is not None and (isinstance(true_output_len, bool) or not isinstance(true_output_len, int)
-                                            or true_output_len < 1):
+        if true_output_len is not None and (not is_int(true_output_len) or true_output_len < 1):
             raise ValueError(f"true_output_len must be an int >= 1 or None, got {true_output_len!r}")
         if self.config.scheduler == "oracle" and true_output_len is None:
             raise ValueError("scheduler='oracle' ranks by true output lengths: add_request needs true_output_len "
@@ -160,7 +157,7 @@ class LLMEngine:
                 token_ids, text = self.tokenizer.encode(prompt), prompt
             except Exception as e:        # e.g. a lone surrogate the tokenizer cannot encode
                 raise ValueError(f"prompt: the tokenizer could not encode it ({type(e).__name__}: {e})") from None
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):
             token_ids, text = list(prompt), None
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -204,11 +201,15 @@ class LLMEngine:
             return f"token ids must be in [0, {vocab})"
         return None
 
+    def _request(self, request_id: str) -> Request:
+        request = self.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"unknown request_id {request_id!r}")
+        return request
+
     def abort(self, request_id: str) -> None:
         with self.lock:
-            request = self.requests.get(request_id)
-            if request is None:
-                raise ValueError(f"unknown request_id {request_id!r}")
+            request = self._request(request_id)
             if not request.is_finished:
                 self._finish(request, "abort")
 
@@ -222,10 +223,7 @@ class LLMEngine:
 
     def is_finished(self, request_id: str) -> bool:
         with self.lock:
-            request = self.requests.get(request_id)
-            if request is None:
-                raise ValueError(f"unknown request_id {request_id!r}")
-            return request.is_finished
+            return self._request(request_id).is_finished
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -273,19 +271,15 @@ class LLMEngine:
     def output(self, request_id: str) -> RequestOutput:
         """A snapshot of the request's state (it stays in the engine; ``pop`` releases it)."""
         with self.lock:
-            r = self.requests.get(request_id)
-            if r is None:
-                raise ValueError(f"unknown request_id {request_id!r}")
-            return self._output(r)
-
-    def _output(self, r: Request) -> RequestOutput:
-        return RequestOutput(
-            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, token_ids=list(r.output_token_ids),
-            text=self.tokenizer.decode(r.output_token_ids), finished=r.is_finished, finish_reason=r.finish_reason,
-            metrics=RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions,
-                                   r.predicted_output_len, r.arrival_predicted_output_len, r.num_recomputed_tokens,
-                                   r.num_swapped_tokens),
-            prompt_logprobs=r.prompt_logprobs, error=r.error)
+            r = self._request(request_id)
+            return RequestOutput(
+                request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, token_ids=list(r.output_token_ids),
+                text=self.tokenizer.decode(r.output_token_ids), finished=r.is_finished,
+                finish_reason=r.finish_reason,
+                metrics=RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions,
+                                       r.predicted_output_len, r.arrival_predicted_output_len,
+                                       r.num_recomputed_tokens, r.num_swapped_tokens),
+                prompt_logprobs=r.prompt_logprobs, error=r.error)
 
 
 @functools.cache

@@ -14,6 +14,7 @@ the bound (interpolated between swept rates), compared as a ratio between polici
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -291,8 +292,7 @@ def sim_entries(args) -> tuple[dict, str, str]:
                 profile = S.system_profile(system, args.profile, **kw)
                 entries[n] = (system.policy, profile, system.preemption == "swap")
             return entries, ("vllm" if "vllm" in names else names[0]), "oracle-int8"
-        profile = S.get_profile(args.profile, kv_dtype=args.kv_dtype, **kw) if not (
-            args.profile and Path(args.profile).is_file()) else S.Profile.load(args.profile)
+        profile = S.get_profile(args.profile, kv_dtype=args.kv_dtype, **kw)   # (a profile file keeps its own)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.profile and Path(args.profile).is_file() and args.max_num_seqs:
@@ -421,25 +421,21 @@ def _write(report: dict, args) -> None:
 
 # -- serve ----------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def capped(engine, cap: int):
-    """Context: the engine's length speculation clamped at the workload's output ``cap`` while a benchmark runs.
+    """The engine's length speculation clamped at the workload's output ``cap`` while a benchmark runs.
 
     The benchmarks fix each request's work by setting ``max_tokens`` to its true length (``ignore_eos``); a
     prediction clamped at ``max_tokens`` would hand the predictor the answer."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def clamp():
-        speculation = engine.scheduler.speculation
-        if speculation is None:
-            yield
-            return
-        before, speculation.cap = speculation.cap, cap
-        try:
-            yield
-        finally:
-            speculation.cap = before
-    return clamp()
+    speculation = engine.scheduler.speculation
+    if speculation is None:
+        yield
+        return
+    before, speculation.cap = speculation.cap, cap
+    try:
+        yield
+    finally:
+        speculation.cap = before
 
 
 def _serve_loop(engine, timed, order, ids, start, policy, progress) -> float:
