@@ -11,9 +11,11 @@ from typing import Iterator
 import torch
 
 from alise.config import EngineConfig
+from alise.cpu import pack_model
 from alise.hub import resolve_model
+from alise.kernels.calibration import KEY_CALIBRATION_TOKENS, calibrate_keys, key_calibration_text
 from alise.model import Llama
-from alise.runner import KEY_CALIBRATION_TOKENS, ModelRunner, key_calibration_text
+from alise.runner import ModelRunner
 from alise.sampling import SamplingParams, is_finite_real, is_int
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import MIN_FIT_SAMPLES, CostModel
@@ -22,7 +24,6 @@ from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
 from alise.sched.speculation import Speculation
 from alise.tokenizer import IncrementalDecoder, Tokenizer
-from alise import kernels
 
 COST_REFIT_EVERY = 64        # steps between refits of the cost model to measured step times
 # and early ones: until the first fit the ranking runs on the default costs, whose ratio of prefill to decode
@@ -73,9 +74,7 @@ class LLMEngine:
                              f"got device {device.type!r}, backend {backend!r}")
         self.model = Llama.from_pretrained(folder, dtype=dtype).to(device)
         if not config.compile:     # the compiled step packs its own copy of the weights (inductor's freezing)
-            self.model.pack_for_cpu()
-        if backend == "triton" and device.type == "cpu":
-            kernels.enable_triton_interpreter()
+            pack_model(self.model)
         kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else {"bfloat16": "bf16", "float32": "fp32"}[self.dtype]
         self.runner = ModelRunner(self.model, kv_dtype=kv_dtype, block_size=config.block_size,
                                   num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
@@ -83,7 +82,9 @@ class LLMEngine:
                                   compile=config.compile)
         if kv_dtype == "int4":
             num_tokens = min(KEY_CALIBRATION_TOKENS, self.model.config.max_position_embeddings)
-            self.runner.calibrate_keys(self.tokenizer.encode(key_calibration_text())[:num_tokens])
+            token_ids = self.tokenizer.encode(key_calibration_text())[:num_tokens]
+            for cache, calibration in zip(self.runner.caches, calibrate_keys(self.model, token_ids)):
+                cache.calibration = calibration     # applied by the kernels' entry points (kernels/calibration.py)
         self.max_model_len = min(config.max_model_len or self.model.config.max_position_embeddings,
                                  self.model.config.max_position_embeddings)
         self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)
@@ -94,7 +95,7 @@ class LLMEngine:
         # ALISE's length speculation (predict at arrival, re-estimate, learn online): sched/speculation.py
         speculation = Speculation(self._make_predictor(config)) if config.scheduler == "alise" else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
-        swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap_bytes_per_token)
+        swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap.bytes_per_token)
         self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap,
                                    speculation=speculation, eos_token_ids=self.eos_token_ids,

@@ -6,19 +6,19 @@ projection biases, Qwen3's q/k norms, tied or untied output head. ``ARCHITECTURE
 read for each architecture; a config with any other key (or a value alise does not implement) is refused.
 
 The forward pass works on a *flat* batch: every query token of every sequence in one row of ``(T, ...)``
-tensors, with ``AttentionMetadata`` telling attention which rows belong to which sequence and where their
-K/V live in the paged cache. That one shape serves prefill, chunked prefill and decode alike (vLLM, nano-vllm).
+tensors, with ``kernels.AttentionMetadata`` telling attention which rows belong to which sequence and where
+their K/V live in the paged cache. That one shape serves prefill, chunked prefill and decode alike (vLLM,
+nano-vllm). The projections are plain ``nn.Linear``s; ``alise/cpu.py`` swaps in the CPU's faster ones.
 
 References: Touvron et al. 2023 (Llama), Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA), Karpathy's nanoGPT.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -193,21 +193,6 @@ def _sliding_window(arch: str, c: dict, refuse) -> int | None:
     return window
 
 
-@dataclass
-class AttentionMetadata:
-    """Where each query row's sequence and K/V live; built once per step by the runner, shared by all layers."""
-
-    slot_mapping: torch.Tensor     # (T,) int64: cache slot of each new token, -1 = do not write
-    block_tables: torch.Tensor     # (B, max_blocks) int32
-    seq_lens: torch.Tensor         # (B,) int32: context length after this step
-    query_start_loc: torch.Tensor  # (B + 1,) int32: sequence b owns query rows [start[b], start[b+1])
-    max_query_len: int
-    max_seq_len: int
-    backend: str = "torch"
-    # what a backend derives from the fields above once and reuses in every layer (kernels.write_kv)
-    scratch: dict = field(default_factory=dict, repr=False)
-
-
 def rope_cos_sin(config: LlamaConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``(max_positions, head_dim // 2)`` in float32, with the config's frequency scaling."""
     dim = config.head_dim
@@ -271,68 +256,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-# Set by ``fp32_gemm`` (a global, like autocast, because it changes every projection of the model at once)
-_FP32_GEMM = False
-
-
-@contextlib.contextmanager
-def fp32_gemm(enabled: bool = True):
-    """Within this context bf16 projections run as float32 GEMMs on exact float32 copies of their operands.
-
-    The result is a bf16 linear all the same (bf16 inputs and weights, float32 accumulation, rounded to bf16:
-    what oneDNN's bf16 GEMM computes), but on CPUs without AMX the float32 GEMMs are the faster kernels once a
-    GEMM has enough rows to be compute-bound: at 32 rows on the default model's shapes, weights in cache, 175-290
-    GFLOP/s (oneDNN / MKL float32) against oneDNN bf16's 150-170 on 2 cores. Meant for a ``torch.compile`` graph
-    with freezing, which folds ``weight.float()`` into a constant once (eager, it would convert every weight on
-    every call). The float32 weights are twice the bytes to stream from memory: with few rows that dominates,
-    and bf16 is faster (``ModelRunner`` switches at ``FP32_GEMM_MIN_ROWS``).
-    """
-    global _FP32_GEMM
-    previous, _FP32_GEMM = _FP32_GEMM, enabled
-    try:
-        yield
-    finally:
-        _FP32_GEMM = previous
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, on float32 GEMMs inside ``fp32_gemm``."""
-    if _FP32_GEMM and x.dtype == torch.bfloat16:
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that can run on a weight pre-packed for the CPU's GEMM kernels (``Llama.pack_for_cpu``).
-
-    torch's CPU matmul re-lays-out a plain bf16 weight on every call; oneDNN's pre-packed blocked layout skips
-    that. Measured on the default model's shapes: 1.5-1.9x faster GEMVs alone, 1.1-1.2x at 32 rows, the same
-    results; a one-thread decode step 80 -> 57 ms. (With two threads both layouts mostly wait on memory.)
-    """
-
-    packed: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
-        return linear(x, self.weight, self.bias)
-
-
-def can_pack_for_cpu(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked copy of a ``(out, in)`` bf16 weight, laid out for few-row inputs (decode)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` on a weight from ``pack_for_cpu``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -340,19 +263,11 @@ class Attention(nn.Module):
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v projections fused into one matmul (split again in from_pretrained's loader)
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.sm_scale = self.head_dim ** -0.5
-        # Two (Hkv, D) tensors or None, set for int4 pools by ModelRunner.calibrate_keys; attention is unchanged:
-        # key_center is subtracted from every key before it is stored. Softmax ignores a shift shared by all keys
-        # of a query (q.(k - c) = q.k - q.c, the same for every key), and the quantizer no longer spends its
-        # range on the keys' large per-channel offsets.
-        # key_balance divides each key channel and multiplies the queries' same channel (q.k = (q*b).(k/b)):
-        # it shrinks key channels whose quantization error the queries would amplify.
-        self.key_center: torch.Tensor | None = None
-        self.key_balance: torch.Tensor | None = None
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q ``(T, Hq, D)`` and k ``(T, Hkv, D)`` after RoPE, and v ``(T, Hkv, D)``, of the normed input x."""
@@ -368,33 +283,18 @@ class Attention(nn.Module):
         return q, k, v.view(T, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: kernels.LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+                cache: kernels.LayerKVCache, meta: kernels.AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.project(x, cos, sin)
-        # in fp32 (the calibration tensors are fp32): the int4 writer quantizes from fp32 anyway, and a bf16
-        # k - key_center would round relative to the large offsets being removed
-        if self.key_center is not None:
-            k = k.float() - self.key_center
-        if self.key_balance is not None:   # each query head uses its kv head's channel weights
-            k = k / self.key_balance
-            q = (q.float().view(T, self.num_kv_heads, -1, self.head_dim) * self.key_balance[:, None]
-                 ).view(q.shape).to(q.dtype)
-        # write the new K/V into their pages first, then read the whole context back through the block table
-        kernels.write_kv(key=k, value=v, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend,
-                         scratch=meta.scratch)
-        out = kernels.paged_attention(
-            query=q, cache=cache, block_tables=meta.block_tables, seq_lens=meta.seq_lens,
-            query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
-            max_seq_len=meta.max_seq_len, sm_scale=self.sm_scale, backend=meta.backend,
-            scratch=meta.scratch)                                                # (T, Hq, D)
+        out = kernels.attend(query=q, key=k, value=v, cache=cache, meta=meta, sm_scale=self.sm_scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,14 +322,15 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied: None, the embedding table is the head (alise/cpu.py's pack_model may add a packed copy of it here)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
         cos, sin = rope_cos_sin(config, config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.packed_head: torch.Tensor | None = None   # set by pack_for_cpu when the head is tied
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                caches: list[kernels.LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
+                caches: list[kernels.LayerKVCache], meta: kernels.AttentionMetadata) -> torch.Tensor:
         """Hidden states ``(T, C)`` after the final norm for the flat batch ``input_ids`` ``(T,)``."""
         x = self.embed_tokens(input_ids)                          # (T, C)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D/2)
@@ -438,31 +339,10 @@ class Llama(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``(N, vocab)`` for the rows of ``hidden`` ``(N, C)``.
-
-        The head stays a bf16 GEMM inside ``fp32_gemm``: measured, a float32 copy of the default model's head
-        would add ~270 MB to a compiled graph, for a GEMM no faster (it streams twice the bytes).
-        """
-        packed = self.packed_head if self.lm_head is None else self.lm_head.packed
-        if packed is not None:
-            return packed_linear(hidden, packed).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
-
-    def pack_for_cpu(self) -> "Llama":
-        """Pre-pack every bf16 projection for the CPU (see ``Linear``); a no-op elsewhere.
-
-        The packed copy replaces each projection's weight (same bytes); the tied head keeps the embedding
-        table for token lookups and adds a packed copy of it. Call after moving the model to its device.
-        """
-        for module in self.modules():
-            if isinstance(module, Linear) and module.weight is not None and can_pack_for_cpu(module.weight):
-                module.packed = pack_for_cpu(module.weight)
-                del module.weight
-                module.register_parameter("weight", None)
-        if self.lm_head is None and can_pack_for_cpu(self.embed_tokens.weight):
-            self.packed_head = pack_for_cpu(self.embed_tokens.weight)
-        return self
+        """float32 logits ``(N, vocab)`` for the rows of ``hidden`` ``(N, C)``."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> "Llama":

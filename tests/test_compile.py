@@ -32,20 +32,20 @@ def test_compiled_decode_matches_eager_on_one_graph(tiny_model_dir, kv_dtype):
     llm = tiny(tiny_model_dir, kv_dtype=kv_dtype, compile=True)
     runner = llm.engine.runner
     compiled_rows = []
-    run_compiled = runner._run_compiled
+    run_compiled = runner.compiled_decode.run
 
     def counted(input_ids, *args, **kwargs):
         outputs = run_compiled(input_ids, *args, **kwargs)
         if outputs is not None:
             compiled_rows.append(len(input_ids))
         return outputs
-    runner._run_compiled = counted
+    runner.compiled_decode.run = counted
     execute, executed = runner.execute, []
     runner.execute = lambda batch: executed.append(1) or execute(batch)
     with torch._dynamo.config.patch(error_on_recompile=True):     # every decode step on the first graph
         alone = llm.generate([prompts[1]], alone_params)[0].token_ids
         batch = [o.token_ids for o in llm.generate(prompts, params)]
-    assert runner._compiled_decode is not None                     # no fallback to eager happened
+    assert runner.compiled_decode is not None                      # no fallback to eager happened
     assert alone == eager_alone
     assert batch == eager
     # decode-only steps went through the graph, with 6 rows down to the padded minimum of 2
@@ -72,17 +72,17 @@ def test_a_failing_compile_falls_back_to_eager(tiny_model_dir):
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
-    llm.engine.runner._compiled_decode = broken
+    llm.engine.runner.compiled_decode.graph = broken
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == eager
-    assert llm.engine.runner._compiled_decode is None
+    assert llm.engine.runner.compiled_decode is None
 
 
 def test_fp32_gemm_is_a_bf16_linear():
-    """Inside model.fp32_gemm a bf16 projection is computed on float32 GEMMs and rounded back to bf16: the
+    """Inside cpu.fp32_gemm a bf16 projection is computed on float32 GEMMs and rounded back to bf16: the
     float64 product of the same bf16 operands, rounded to bf16 (within one bf16 step of float32 summation)."""
-    from alise.model import fp32_gemm, linear
+    from alise.cpu import fp32_gemm, linear
     g = torch.Generator().manual_seed(5)
     x = torch.randn(7, 96, generator=g).bfloat16()
     w = torch.randn(40, 96, generator=g).bfloat16()
@@ -102,8 +102,9 @@ def test_fp32_gemm_is_a_bf16_linear():
 def test_bf16_batches_past_the_threshold_get_a_float32_gemm_graph(tiny_model_dir, monkeypatch):
     """bf16: a batch of FP32_GEMM_MIN_ROWS rows or more runs on a second graph (float32 GEMMs), fewer rows on
     the first; each one's logits match the eager engine's for the same decode step."""
+    import alise.cpu
     import alise.runner
-    monkeypatch.setattr(alise.runner, "FP32_GEMM_MIN_ROWS", 4)
+    monkeypatch.setattr(alise.cpu, "FP32_GEMM_MIN_ROWS", 4)
     g = torch.Generator().manual_seed(6)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)   # prefill, then one decode step
     batches = [[torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
@@ -123,9 +124,9 @@ def test_bf16_batches_past_the_threshold_get_a_float32_gemm_graph(tiny_model_dir
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     llm = tiny(tiny_model_dir, dtype="bfloat16", compile=True)
-    llm.engine.runner._fp32_gemm_helps = True      # as on a CPU without AMX, whatever this one has
+    llm.engine.runner.compiled_decode.fp32_gemm_helps = True      # as on a CPU without AMX, whatever this one has
     compiled = decode_logits(llm)
-    assert llm.engine.runner._compiled_graphs == {True, False}
+    assert llm.engine.runner.compiled_decode.graphs == {True, False}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     for e, c in zip(eager, compiled, strict=True):
         assert c.shape == e.shape
@@ -145,4 +146,4 @@ def test_compiled_steps_sample_seeded_rows_beside_greedy_ones(tiny_model_dir):
     torch._dynamo.reset()
     llm = tiny(tiny_model_dir, compile=True)
     assert [o.token_ids for o in llm.generate(prompts, params)] == eager
-    assert llm.engine.runner._compiled_decode is not None
+    assert llm.engine.runner.compiled_decode is not None

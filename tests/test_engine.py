@@ -111,8 +111,8 @@ def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstraine
     llm = tiny(tiny_model_dir, scheduler=scheduler, kv_cache_blocks=16, block_size=16,
                swap_kv_dtype=swap_kv_dtype)   # "auto" (the default): an exact host copy; fcfs never swaps
     copied_out = []
-    copy_out = llm.engine.runner._copy_out
-    llm.engine.runner._copy_out = lambda blocks: copied_out.append(len(blocks)) or copy_out(blocks)
+    copy_out = llm.engine.runner.swap.copy_out
+    llm.engine.runner.swap.copy_out = lambda blocks: copied_out.append(len(blocks)) or copy_out(blocks)
     outs = llm.generate(PRESSURE_PROMPTS, PRESSURE_PARAMS)
     assert all(o.finished and o.finish_reason == "length" and o.error is None for o in outs)
     assert [o.token_ids for o in outs] == unconstrained_outputs

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from alise import LLM, SamplingParams
-from alise.model import Linear, Llama, can_pack_for_cpu
+from alise.cpu import PackedLinear, can_pack_for_cpu, pack_model
+from alise.kernels.calibration import KeyCalibration
+from alise.model import Llama
 from conftest import TINY_CONFIG, tiny_state_dict
 
 
@@ -108,20 +111,19 @@ def test_key_center_and_balance_leave_attention_unchanged(tiny_llm, transform):
     ignores; dividing key channels by weights that multiply the query's channels leaves q.k as it was."""
     ids = list(range(5, 60))
     before = torch.tensor(engine_prompt_logprobs(tiny_llm, ids)[1:])
-    layers = tiny_llm.engine.model.layers
+    caches = tiny_llm.engine.runner.caches
+    config = tiny_llm.engine.model.config
+    shape = (config.num_key_value_heads, config.head_dim)
     g = torch.Generator().manual_seed(0)
     try:
-        for layer in layers:
-            attn = layer.self_attn
-            shape = (attn.num_kv_heads, attn.head_dim)
-            if transform in ("center", "both"):
-                attn.key_center = 3 * torch.randn(shape, generator=g)
-            if transform in ("balance", "both"):
-                attn.key_balance = torch.rand(shape, generator=g) * 4 + 0.25
+        for cache in caches:
+            cache.calibration = KeyCalibration(
+                3 * torch.randn(shape, generator=g) if transform in ("center", "both") else None,
+                torch.rand(shape, generator=g) * 4 + 0.25 if transform in ("balance", "both") else None)
         after = torch.tensor(engine_prompt_logprobs(tiny_llm, ids)[1:])
     finally:
-        for layer in layers:
-            layer.self_attn.key_center = layer.self_attn.key_balance = None
+        for cache in caches:
+            cache.calibration = None
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert not torch.equal(after, before)        # the keys really changed (an exact match would mean no-op)
 
@@ -170,12 +172,11 @@ def test_int4_key_calibration_lowers_perplexity(real_model_dir):
 
     def perplexity() -> float:
         return math.exp(-sum(engine_prompt_logprobs(llm, ids)[1:]) / (len(ids) - 1))
-    layers = llm.engine.model.layers
-    assert all(layer.self_attn.key_center is not None and layer.self_attn.key_balance is not None
-               for layer in layers)
+    caches = llm.engine.runner.caches
+    assert all(cache.calibration.center is not None and cache.calibration.balance is not None for cache in caches)
     calibrated = perplexity()
-    for layer in layers:
-        layer.self_attn.key_center = layer.self_attn.key_balance = None
+    for cache in caches:
+        cache.calibration = None
     uncalibrated = perplexity()
     assert 12.85 < calibrated < 13.2 and calibrated < uncalibrated - 0.2, (calibrated, uncalibrated)
 
@@ -265,12 +266,17 @@ def test_loader_config_missing_key(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(not can_pack_for_cpu(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 on this CPU")
 def test_packed_cpu_weights_compute_the_same_projections(tiny_model_dir):
-    """``pack_for_cpu`` swaps every bf16 projection's weight for oneDNN's packed copy: same outputs."""
+    """``pack_model`` swaps every bf16 projection for one on oneDNN's packed copy of its weight: same outputs,
+    the same parameter names (less the packed weights)."""
     plain = Llama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    packed = Llama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).pack_for_cpu()
+    packed = pack_model(Llama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16))
     x = torch.randn(5, TINY_CONFIG["hidden_size"], generator=torch.Generator().manual_seed(0)).bfloat16()
-    linears = [(name, m) for name, m in packed.named_modules() if isinstance(m, Linear)]
-    assert linears and all(m.weight is None and m.packed is not None for _, m in linears)
+    linears = [(name, m) for name, m in packed.named_modules() if isinstance(m, PackedLinear)]
+    assert [name for name, _ in linears] == [name for name, m in plain.named_modules() if isinstance(m, nn.Linear)]
+    assert not any(isinstance(m, nn.Linear) for m in packed.modules())
+    assert all(m.packed is not None for _, m in linears)
+    assert set(packed.state_dict()) == {name for name in plain.state_dict()
+                                        if not (name.endswith(".weight") and name[:-7] in dict(linears))}
     for name, module in linears:
         reference = plain.get_submodule(name)
         inputs = x if reference.in_features == x.shape[1] else \

@@ -205,11 +205,11 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     cache = runner.caches[0]
     cache.k[:2] = torch.randn_like(cache.k[:2])
     before = cache.k[:2].clone()
-    host = runner._copy_out([0, 1])
+    host = runner.swap.copy_out([0, 1])
     # the swap space is charged what the host copy really holds (2 blocks of 4 tokens)
     held = sum(t.numel() * t.element_size() for layer in host for t in layer)
-    assert held == 2 * 4 * runner.swap_bytes_per_token
-    runner._copy_in(host, [0, 1])
+    assert held == 2 * 4 * runner.swap.bytes_per_token
+    runner.swap.copy_in(host, [0, 1])
     err = (cache.k[:2] - before).abs()
     if swap_kv_dtype == "auto":
         assert torch.equal(cache.k[:2], before)

@@ -16,20 +16,29 @@ The contract between the runner and the kernels (docs/design.md, "KV cache layou
   ``block_tables[b, :ceil(seq_lens[b] / block_size)]``; entries after those are padding: valid block ids
   (the torch decode path reads whole table rows and masks the keys past ``seq_lens[b]``).
 
+The runner hands the layers all of a step's side of this contract in one ``AttentionMetadata``; each layer's
+``attend`` call passes it, with the layer's ``LayerKVCache``, to ``write_kv`` and ``paged_attention``. A cache
+may carry its layer's int4 key calibration (``calibration.py``), which these two entry points apply.
+
 Backends: ``"torch"`` runs ``reference.py`` (the CPU backend); ``"triton"`` runs ``quant.py`` / ``attention.py``
 (on CUDA, or on the CPU under Triton's interpreter; they need a power-of-two head_dim >= 16). The engine
-resolves ``"auto"`` before calling. Triton is imported lazily, so ``import alise`` never imports it.
+resolves ``"auto"``, the runner then the backend itself, once (``get_backend``); the metadata carries it. Triton
+is imported lazily, so ``import alise`` never imports it.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from alise.kernels import reference
+
+if TYPE_CHECKING:
+    from alise.kernels.calibration import KeyCalibration
 
 KV_DTYPES = ("bf16", "fp32", "int8", "int4")
 BACKENDS = ("torch", "triton")
@@ -45,6 +54,7 @@ class LayerKVCache:
     k_scale: torch.Tensor | None
     v_scale: torch.Tensor | None
     kv_dtype: str
+    calibration: KeyCalibration | None = None    # int4 pools: applied by write_kv and paged_attention
 
     @property
     def block_size(self) -> int:
@@ -117,35 +127,104 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS} (resolve 'auto' first), got {backend!r}")
 
 
+class TorchBackend:
+    """``reference.py``: the CPU backend and the oracle. It keeps what it derives from a step's metadata in the
+    step's ``scratch``; Triton's ``split_kv`` and tile sizes mean nothing to it."""
+
+    name = "torch"
+    write_kv = staticmethod(reference.write_kv)
+
+    @staticmethod
+    def paged_attention(args: dict, *, scratch: dict | None, split_kv: bool | None,
+                        options: dict) -> torch.Tensor:
+        return reference.paged_attention(**args, scratch=scratch)
+
+
+class TritonBackend:
+    """``quant.py`` and ``attention.py``, imported (and on a CPU device run by Triton's interpreter) here."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device):
+        self._quant, self._attention = _triton("quant", device), _triton("attention", device)
+
+    def write_kv(self, *, scratch: dict | None, all_slots_valid: bool, **kv) -> None:   # (the reference's two)
+        self._quant.write_kv(**kv)
+
+    def paged_attention(self, args: dict, *, scratch: dict | None, split_kv: bool | None,
+                        options: dict) -> torch.Tensor:
+        return self._attention.paged_attention(**args, split_kv=split_kv, **options)
+
+
+Backend = TorchBackend | TritonBackend
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
+    """The backend called ``name``, resolved once: an engine keeps it, and every step's metadata carries it."""
+    _check_backend(name)
+    return TorchBackend() if name == "torch" else TritonBackend(torch.device(device))
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each query row's sequence and K/V live; built once per step by the runner, shared by all layers."""
+
+    slot_mapping: torch.Tensor     # (T,) int64: cache slot of each new token, -1 = do not write
+    block_tables: torch.Tensor     # (B, max_blocks) int32
+    seq_lens: torch.Tensor         # (B,) int32: context length after this step
+    query_start_loc: torch.Tensor  # (B + 1,) int32: sequence b owns query rows [start[b], start[b+1])
+    max_query_len: int
+    max_seq_len: int
+    backend: Backend               # get_backend's, resolved once per engine
+    # no slot is -1: write_kv need not check (a check on tensor values, which would split a compiled graph)
+    all_slots_valid: bool = False
+    # what a backend derives from the fields above once and reuses in every layer (kernels.write_kv)
+    scratch: dict = field(default_factory=dict, repr=False)
+
+
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor,
-             backend: str = "torch", scratch: dict | None = None) -> None:
+             backend: str | Backend = "torch", scratch: dict | None = None, all_slots_valid: bool = False) -> None:
     """Quantize (if needed) ``key``/``value`` ``[T, Hkv, D]`` and store token t at ``slot_mapping[t]``.
 
-    ``scratch``: an empty dict per step, shared by every layer's calls, where the torch backend keeps what it
-    derives from the step's metadata (so it is derived once, not once per layer).
+    Keys go through the cache's key calibration first, if it has one. ``backend``: a name or ``get_backend``'s
+    object. ``scratch``: an empty dict per step, shared by every layer's calls, where the torch backend keeps what
+    it derives from the step's metadata (so it is derived once, not once per layer). ``all_slots_valid``: the
+    caller knows that no slot is -1, so the torch backend skips checking.
     """
-    _check_backend(backend)
-    if backend == "triton":
-        _triton("quant", key.device).write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping)
-    else:
-        reference.write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping, scratch=scratch)
+    backend = get_backend(backend, key.device) if isinstance(backend, str) else backend
+    if cache.calibration is not None:
+        key = cache.calibration.keys(key)
+    backend.write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping, scratch=scratch,
+                     all_slots_valid=all_slots_valid)
 
 
 def paged_attention(*, query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                    max_seq_len: int, sm_scale: float, backend: str = "torch", scratch: dict | None = None,
-                    split_kv: bool | None = None, **triton_options) -> torch.Tensor:
+                    max_seq_len: int, sm_scale: float, backend: str | Backend = "torch",
+                    scratch: dict | None = None, split_kv: bool | None = None, **triton_options) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over each sequence's pages; returns ``[T, Hq, D]``.
 
-    Triton only: ``split_kv`` forces the split-K decode path on (True) or off (False); None picks it for
-    decode-only batches with long contexts. ``triton_options`` (``block_n``, ``prefill_block_m``) override tile
-    sizes; see ``attention.py``. ``scratch``: as for ``write_kv``.
+    Queries go through the cache's key calibration first, if it has one. Triton only: ``split_kv`` forces the
+    split-K decode path on (True) or off (False); None picks it for decode-only batches with long contexts.
+    ``triton_options`` (``block_n``, ``prefill_block_m``) override tile sizes; see ``attention.py``.
+    ``backend``, ``scratch``: as for ``write_kv``.
     """
-    _check_backend(backend)
-    kwargs = dict(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
-                  query_start_loc=query_start_loc, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                  sm_scale=sm_scale)
-    if backend == "triton":
-        return _triton("attention", query.device).paged_attention(**kwargs, split_kv=split_kv,
-                                                                     **triton_options)
-    return reference.paged_attention(**kwargs, scratch=scratch)
+    backend = get_backend(backend, query.device) if isinstance(backend, str) else backend
+    if cache.calibration is not None:
+        query = cache.calibration.queries(query)
+    args = dict(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
+                query_start_loc=query_start_loc, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                sm_scale=sm_scale)
+    return backend.paged_attention(args, scratch=scratch, split_kv=split_kv, options=triton_options)
+
+
+def attend(*, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+           meta: AttentionMetadata, sm_scale: float) -> torch.Tensor:
+    """One layer's attention in a step: query ``[T, Hq, D]``, new keys and values ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+    # write the new K/V into their pages first, then read the whole context back through the block table
+    write_kv(key=key, value=value, cache=cache, slot_mapping=meta.slot_mapping, backend=meta.backend,
+             scratch=meta.scratch, all_slots_valid=meta.all_slots_valid)
+    return paged_attention(query=query, cache=cache, block_tables=meta.block_tables, seq_lens=meta.seq_lens,
+                           query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
+                           max_seq_len=meta.max_seq_len, sm_scale=sm_scale, backend=meta.backend,
+                           scratch=meta.scratch)

@@ -34,7 +34,7 @@ Relative quantization MSE of K (V) on layer activations of the same text: symmet
 the offset fits the rotated values' range. K carries the damage: the last format on K alone gives 14.21, on V
 alone 13.55.
 
-**Key calibration** (``ModelRunner.calibrate_keys``, outside the kernels, exact for attention): an int4 pool
+**Key calibration** (``calibration.py``, applied at the kernels' entry points, exact for attention): an int4 pool
 stores each key minus its layer's mean key (per kv head and channel, after RoPE), divided per channel by balance
 weights that multiply the queries instead (``(E[k^2] / E[q^2]) ** 0.1``), both calibrated at load on 512 tokens
 of a fixed text. Perplexity over 24 x 512 tokens of pydoc topics with the fp32 model (fp32 KV 14.204; the

@@ -169,16 +169,16 @@ def _per_step(scratch: dict | None, key: str, build):
 
 
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor,
-             scratch: dict | None = None) -> None:
+             scratch: dict | None = None, all_slots_valid: bool = False) -> None:
     """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1).
 
     ``scratch["write_kv"]`` holds ``(rows kept or None, their slots)``; a caller that knows every slot is real
-    may set it to ``(None, slot_mapping)`` first, which skips the -1 check (the compiled decode step does).
+    passes ``all_slots_valid``, which skips the -1 check (the compiled decode step does).
     """
     def written():                                              # rows to store and where, -1 filtered out
         keep = slot_mapping >= 0
         return (None, slot_mapping.long()) if bool(keep.all()) else (keep, slot_mapping[keep].long())
-    keep, slots = _per_step(scratch, "write_kv", written)
+    keep, slots = (None, slot_mapping.long()) if all_slots_valid else _per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
         q, s = quantize(src if keep is None else src[keep], cache.kv_dtype,
