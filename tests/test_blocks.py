@@ -1,4 +1,4 @@
-"""BlockAllocator under random sequences of allocate / grow / fork / free / preempt-release (hypothesis)."""
+"""BlockAllocator under random sequences of allocate / grow / free / preempt-release (hypothesis)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,7 @@ NUM_BLOCKS, BLOCK_SIZE = 12, 4
 class AllocatorMachine(RuleBasedStateMachine):
     """Owners are Requests (their ``block_table`` is the live table); the model is the list of live owners.
 
-    The model's own accounting (which blocks each owner holds, how many owners share each block) is kept
+    The model's own accounting (which blocks each owner holds, so each block's reference count) is kept
     independently of the allocator and compared after every step.
     """
 
@@ -75,16 +75,6 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert len(owner.block_table) * BLOCK_SIZE >= want
         assert self.alloc.num_free == free_before - need
         self.tokens[id(owner)] = max(self.tokens[id(owner)], want)
-
-    @rule(target=owners, owner=owners)
-    def fork(self, owner):
-        if id(owner) not in self.live:
-            return self._new_owner([], 0)
-        free_before = self.alloc.num_free
-        table = self.alloc.fork(owner.block_table)
-        assert table == owner.block_table and table is not owner.block_table
-        assert self.alloc.num_free == free_before            # sharing costs no blocks
-        return self._new_owner(table, len(table) * BLOCK_SIZE)
 
     @rule(owner=consumes(owners))
     def free(self, owner):

@@ -346,11 +346,7 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.numel()
     num_kv_heads = cache.k.shape[2]
-    check_head_dim(head_dim)
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    assert query.stride(-1) == 1 and cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
-    group = num_heads // num_kv_heads
+    group = _check_layout(query, cache)
     out = torch.empty_like(query)
     if num_tokens == 0:
         return out
@@ -393,8 +389,24 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         PV_DTYPE=pv_dtype, INTERPRET=query.device.type == "cpu", num_warps=num_warps)
     if use_split:
-        _merge_kernel[(num_tokens, num_heads)](
-            part_out, part_lse, out, seq_lens, part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            SPLIT=SPLIT_SIZE, HEAD_DIM=head_dim, MERGE_TILE=MERGE_TILE)
+        _merge_splits(part_out, part_lse, out, seq_lens)
     return out
+
+
+def _check_layout(query: torch.Tensor, cache) -> int:
+    """Refuse shapes the kernel does not serve; returns the GQA group (query heads per kv head)."""
+    num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], cache.k.shape[2]
+    check_head_dim(head_dim)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    assert query.stride(-1) == 1 and cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
+    return num_heads // num_kv_heads
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Combine the split-K partial outputs ``[T, Hq, splits, D]`` by their log-sum-exps into ``out [T, Hq, D]``."""
+    num_tokens, num_heads, _, head_dim = part_out.shape
+    _merge_kernel[(num_tokens, num_heads)](
+        part_out, part_lse, out, seq_lens, part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+        SPLIT=SPLIT_SIZE, HEAD_DIM=head_dim, MERGE_TILE=MERGE_TILE)

@@ -9,8 +9,9 @@ from alise.sched.request import Request
 class BlockAllocator:
     """Hands out fixed-size KV blocks from a pool of ``num_blocks``.
 
-    Reference counts let several block tables share a block (a fork, or a future prefix cache); a block goes
-    back to the free list when its last reference is freed.
+    Each block has a reference count and goes back to the free list when its last reference is freed. Today
+    every block has one owner (counts are 0 or 1, and catch double frees); a prefix cache would share blocks
+    by counting more references.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -34,13 +35,6 @@ class BlockAllocator:
         for b in blocks:
             self.ref_counts[b] = 1
         return blocks
-
-    def fork(self, blocks: list[int]) -> list[int]:
-        """Share ``blocks`` with one more owner."""
-        for b in blocks:
-            assert self.ref_counts[b] > 0, f"fork of free block {b}"
-            self.ref_counts[b] += 1
-        return list(blocks)
 
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
