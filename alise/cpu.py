@@ -55,8 +55,7 @@ class PackedLinear(nn.Module):
     """A projection on a weight pre-packed for the CPU's GEMM kernels (``pack_model``); bias as it was.
 
     torch's CPU matmul re-lays-out a plain bf16 weight on every call; oneDNN's pre-packed blocked layout skips
-    that. Measured on the default model's shapes: 1.5-1.9x faster GEMVs alone, 1.1-1.2x at 32 rows, the same
-    results; a one-thread decode step 80 -> 57 ms. (With two threads both layouts mostly wait on memory.)
+    that: the same results, faster GEMVs (docs/design.md, "Measured choices").
     """
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None):
@@ -104,8 +103,7 @@ def fp32_gemm(enabled: bool = True) -> Iterator[None]:
 
     The result is a bf16 linear all the same (bf16 inputs and weights, float32 accumulation, rounded to bf16:
     what oneDNN's bf16 GEMM computes), but on CPUs without AMX the float32 GEMMs are the faster kernels once a
-    GEMM has enough rows to be compute-bound: at 32 rows on the default model's shapes, weights in cache, 175-290
-    GFLOP/s (oneDNN / MKL float32) against oneDNN bf16's 150-170 on 2 cores. Meant for a ``torch.compile`` graph
+    GEMM has enough rows to be compute-bound (README, "Speed on a CPU"). Meant for a ``torch.compile`` graph
     with freezing, which folds ``weight.float()`` into a constant once (eager, it would convert every weight on
     every call). The float32 weights are twice the bytes to stream from memory: with few rows that dominates,
     and bf16 is faster (``CompiledDecode`` switches at ``FP32_GEMM_MIN_ROWS``).
@@ -147,12 +145,9 @@ class CompiledDecode:
     into a few C++ loops; freezing makes the weights constants that it packs for oneDNN, and cpp_wrapper
     calls the kernels with no Python in between (``run`` sets both). ``dynamic=True``: one graph for every
     batch size >= 2 and table width >= 2 (``MIN_COMPILED_DIM``); a second one, compiled when a bf16 batch first
-    reaches ``FP32_GEMM_MIN_ROWS`` rows, runs the projections on float32 GEMMs (``fp32_gemm``). Measured side
-    by side on the default model, bf16, 2 CPU cores (``python -m alise.bench.generate --sections compile``):
-    decode 1.5x the eager engine's tokens/s at batch 1 and 8, 1.4x at 32 and 64 concurrent requests (1.3x
-    before the float32-GEMM graph). The frozen, packed weights are further copies beside the eager model's
-    (which prefill steps use): bf16 for the first graph, float32 for the second (measured RSS: +0.55 GB and
-    +0.91 GB on the default model).
+    reaches ``FP32_GEMM_MIN_ROWS`` rows, runs the projections on float32 GEMMs (``fp32_gemm``). The frozen,
+    packed weights are further copies beside the eager model's (which prefill steps use): bf16 for the first
+    graph, float32 for the second. Its speed-up and its memory, measured: README, "Speed on a CPU".
 
     Padding rows and table columns point at ``null_block``, a page of the pool that the allocator never hands
     out. If compiling fails, ``run`` warns, packs the model for eager steps and returns None.

@@ -57,6 +57,19 @@ class RequestOutput:
     error: str | None = None
 
 
+@dataclass
+class EngineStats:
+    """What the engine holds right now (``LLMEngine.stats``): for monitoring and for tests."""
+    num_requests: int          # added and not yet popped (finished ones included)
+    num_waiting: int           # unfinished, without a seat (never run, or preempted)
+    num_running: int           # unfinished, seated
+    kv_blocks_used: int
+    kv_blocks_total: int
+    swap_bytes_used: int       # host swap space holding preempted requests' KV
+    swap_bytes_total: int
+    swap_bytes_per_token: int  # what one swapped token takes there (whole blocks are swapped)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -76,6 +89,7 @@ class LLMEngine:
         if not config.compile:     # the compiled step packs its own copy of the weights (inductor's freezing)
             pack_model(self.model)
         kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else {"bfloat16": "bf16", "float32": "fp32"}[self.dtype]
+        self.kv_dtype = kv_dtype           # the KV pages' format, "auto" resolved ("bf16", "fp32", "int8", "int4")
         self.runner = ModelRunner(self.model, kv_dtype=kv_dtype, block_size=config.block_size,
                                   num_blocks=config.kv_cache_blocks, kv_cache_memory_gb=config.kv_cache_memory_gb,
                                   backend=backend, device=device, swap_kv_dtype=config.swap_kv_dtype,
@@ -88,19 +102,19 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model.config.max_position_embeddings,
                                  self.model.config.max_position_embeddings)
         self.eos_token_ids = _as_list(self.model.config.eos_token_id) + _as_list(self.tokenizer.eos_token_id)
-        self.cost = CostModel()
+        self.cost = CostModel()          # refit to measured step times (_record_step), handed to the policy
         self.step_samples: list[tuple[int, int, int, float]] = []
         self.num_steps = 0
-        self.policy = make_policy(config.scheduler, self.cost)
+        self.policy = make_policy(config.policy, self.cost)
         # ALISE's length speculation (predict at arrival, re-estimate, learn online): sched/speculation.py
-        speculation = Speculation(self._make_predictor(config)) if config.scheduler == "alise" else None
+        speculation = Speculation(self._make_predictor(config)) if config.policy == "alise" else None
         self.allocator = BlockAllocator(self.runner.num_blocks, config.block_size)
         swap = SwapSpace(int(config.swap_space_gb * (1 << 30)), self.runner.swap.bytes_per_token)
         self.scheduler = Scheduler(policy=self.policy, allocator=self.allocator, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, swap_space=swap,
                                    speculation=speculation, eos_token_ids=self.eos_token_ids,
                                    max_model_len=self.max_model_len)
-        self.requests: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}   # every request added and not yet popped, by id
         self._ids = itertools.count()
         # one lock around every change of engine state: threads may add, step, abort and pop concurrently
         # (each generate() call steps the shared engine until its own requests finish)
@@ -109,7 +123,7 @@ class LLMEngine:
 
     def _make_predictor(self, config: EngineConfig):
         from alise.sched.predictor import LengthPredictor
-        if config.predictor == "model":
+        if config.embedder == "model":
             from alise.sched.encoder import TokenEmbeddingMean
             embed = TokenEmbeddingMean(self.model.embed_tokens.weight, self.tokenizer.encode)
         else:
@@ -121,15 +135,29 @@ class LLMEngine:
 
     @property
     def predictor(self):
-        """The ALISE length predictor (None unless scheduler="alise")."""
+        """The ALISE length predictor (None unless policy="alise")."""
         speculation = self.scheduler.speculation
         return None if speculation is None else speculation.predictor
 
     @predictor.setter
     def predictor(self, predictor) -> None:
         if self.scheduler.speculation is None:
-            raise ValueError("this engine's scheduler does not speculate (scheduler='alise' does)")
+            raise ValueError("this engine's policy does not speculate (policy='alise' does)")
         self.scheduler.speculation.predictor = predictor
+
+    @property
+    def prediction_cap(self) -> int | None:
+        """The clamp of predicted lengths (None: each request's ``max_tokens``; always None unless
+        policy="alise"). Benchmarks that fix a request's work through ``max_tokens`` (its true length) set it to
+        the workload's output cap, so the predictor never learns the answer from the clamp."""
+        speculation = self.scheduler.speculation
+        return None if speculation is None else speculation.cap
+
+    @prediction_cap.setter
+    def prediction_cap(self, cap: int | None) -> None:
+        if self.scheduler.speculation is None:
+            raise ValueError("this engine's policy does not speculate (policy='alise' does)")
+        self.scheduler.speculation.cap = cap
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -139,7 +167,7 @@ class LLMEngine:
         """Queue a request; a bad prompt finishes that request at once with ``error`` set, nothing else.
 
         ``true_output_len``: the request's real output length, known only in benchmarks; the ``oracle``
-        scheduler ranks by it and requires it.
+        policy ranks by it and requires it.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -150,9 +178,9 @@ class LLMEngine:
             raise ValueError(f"arrival_time must be a finite number (time.monotonic() seconds), got {arrival_time!r}")
         if true_output_len is not None and (not is_int(true_output_len) or true_output_len < 1):
             raise ValueError(f"true_output_len must be an int >= 1 or None, got {true_output_len!r}")
-        if self.config.scheduler == "oracle" and true_output_len is None:
-            raise ValueError("scheduler='oracle' ranks by true output lengths: add_request needs true_output_len "
-                             "(only benchmarks know it; use scheduler='alise' to serve)")
+        if self.config.policy == "oracle" and true_output_len is None:
+            raise ValueError("policy='oracle' ranks by true output lengths: add_request needs true_output_len "
+                             "(only benchmarks know it; use policy='alise' to serve)")
         if isinstance(prompt, str):
             try:
                 token_ids, text = self.tokenizer.encode(prompt), prompt
@@ -169,9 +197,9 @@ class LLMEngine:
              arrival_time: float | None, true_output_len: int | None) -> str:
         if request_id is None:           # automatic ids skip any a user chose
             request_id = str(next(self._ids))
-            while request_id in self.requests:
+            while request_id in self._requests:
                 request_id = str(next(self._ids))
-        elif request_id in self.requests:
+        elif request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_gen))
         request = Request(request_id, token_ids, params, prompt=text,
@@ -180,7 +208,7 @@ class LLMEngine:
                           true_output_len=true_output_len)
         if params.prompt_logprobs:
             request.prompt_logprobs = [None]
-        self.requests[request_id] = request
+        self._requests[request_id] = request
         error = self._check_prompt(token_ids)
         if error:
             request.error = error
@@ -203,7 +231,7 @@ class LLMEngine:
         return None
 
     def _request(self, request_id: str) -> Request:
-        request = self.requests.get(request_id)
+        request = self._requests.get(request_id)
         if request is None:
             raise ValueError(f"unknown request_id {request_id!r}")
         return request
@@ -219,15 +247,34 @@ class LLMEngine:
         with self.lock:
             self.abort(request_id)
             output = self.output(request_id)
-            del self.requests[request_id]
+            del self._requests[request_id]
             return output
 
     def is_finished(self, request_id: str) -> bool:
         with self.lock:
             return self._request(request_id).is_finished
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether ``request_id`` was added and not yet popped."""
+        with self.lock:
+            return request_id in self._requests
+
+    def token_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's output token ids from ``start`` on: what a stream polls after each step (no decoding;
+        ``output`` decodes the whole text)."""
+        with self.lock:
+            return self._request(request_id).output_token_ids[start:]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the requests, KV blocks and swap space the engine holds."""
+        with self.lock:
+            s = self.scheduler
+            return EngineStats(len(self._requests), len(s.waiting), len(s.running),
+                               self.allocator.num_blocks - self.allocator.num_free, self.allocator.num_blocks,
+                               s.swap_space.used_bytes, s.swap_space.capacity_bytes, s.swap_space.bytes_per_token)
 
     # -- the step -------------------------------------------------------------------------------------
 
@@ -266,8 +313,8 @@ class LLMEngine:
         self.num_steps += 1
         refit_now = self.num_steps in EARLY_REFITS or self.num_steps % COST_REFIT_EVERY == 0
         if refit_now and len(self.step_samples) >= MIN_FIT_SAMPLES:    # a user may have cleared them
-            fitted = CostModel.fit(self.step_samples)
-            self.cost.__dict__.update(fitted.__dict__)
+            self.cost = CostModel.fit(self.step_samples)
+            self.policy.set_cost(self.cost)
 
     def output(self, request_id: str) -> RequestOutput:
         """A snapshot of the request's state (it stays in the engine; ``pop`` releases it)."""
@@ -287,7 +334,7 @@ class LLMEngine:
 def _shared_minilm():
     """One MiniLM sentence encoder per process, shared by every engine's predictor."""
     from alise.sched.encoder import MiniLM
-    return MiniLM.load(cache_size=0)
+    return MiniLM.load()
 
 
 def _as_list(x) -> list[int]:
@@ -348,19 +395,20 @@ class LLM:
         """Yield the text of one request as it is generated."""
         engine = self.engine
         request_id = engine.add_request(prompt, params)
-        request = engine.requests[request_id]
         decoder = IncrementalDecoder(self.tokenizer)
         sent = 0
         try:
             while True:
-                while sent < request.num_output_tokens:
-                    delta = decoder.push(request.output_token_ids[sent])   # special tokens decode to ""
+                finished = engine.is_finished(request_id)    # (before the tokens: another thread may step)
+                for token in engine.token_ids(request_id, sent):
                     sent += 1
+                    delta = decoder.push(token)              # special tokens decode to ""
                     if delta:
                         yield delta
-                if request.is_finished:
-                    if request.error:
-                        raise ValueError(request.error)
+                if finished:
+                    error = engine.output(request_id).error
+                    if error:
+                        raise ValueError(error)
                     tail = decoder.flush()
                     if tail:
                         yield tail

@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from alise.config import add_renamed_flag
 from alise.sampling import SamplingParams
 from alise.tokenizer import IncrementalDecoder
 
@@ -171,10 +172,9 @@ class EngineLoop:
                 try:
                     with engine.lock:
                         engine.add_request(prompt_ids, params, request_id=stream.request_id)
-                        r = engine.requests[stream.request_id]
-                        if r.is_finished:       # refused at once (e.g. longer than the KV pool)
-                            stream.put(Event([], accepted=True, finish_reason=r.finish_reason, error=r.error))
-                            engine.pop(stream.request_id)
+                        if engine.is_finished(stream.request_id):   # refused at once (e.g. longer than the KV pool)
+                            out = engine.pop(stream.request_id)
+                            stream.put(Event([], accepted=True, finish_reason=out.finish_reason, error=out.error))
                             continue
                 except ValueError as e:
                     stream.put(Event([], accepted=True, finish_reason="abort", error=str(e)))
@@ -185,34 +185,33 @@ class EngineLoop:
                 request_id = item[1]
                 self.streams.pop(request_id, None)
                 with engine.lock:
-                    if request_id in engine.requests:
+                    if engine.has_request(request_id):
                         engine.pop(request_id)
 
     def _harvest(self) -> None:
         """Hand every request's new tokens to its queue; release the ones that finished."""
         engine = self.engine
         for rid, stream in list(self.streams.items()):
-            r = engine.requests.get(rid)
-            if r is None:          # released behind our back
+            if not engine.has_request(rid):          # released behind our back
                 del self.streams[rid]
                 stream.put(Event([], finish_reason="abort", error="request was released"))
                 continue
-            new = r.output_token_ids[stream.sent:]
+            new = engine.token_ids(rid, stream.sent)
             stream.sent += len(new)
-            if r.is_finished:
-                stream.put(Event(list(new), finish_reason=r.finish_reason, error=r.error,
-                                 prompt_logprobs=list(r.prompt_logprobs) if r.prompt_logprobs is not None else None))
+            if engine.is_finished(rid):
+                out = engine.pop(rid)
+                stream.put(Event(new, finish_reason=out.finish_reason, error=out.error,
+                                 prompt_logprobs=out.prompt_logprobs))
                 del self.streams[rid]
-                engine.pop(rid)
             elif new:
-                stream.put(Event(list(new)))
+                stream.put(Event(new))
 
     def _fail_all(self, message: str) -> None:
         engine = self.engine
         with engine.lock:
             for rid, stream in list(self.streams.items()):
                 stream.put(Event([], finish_reason="abort", error=message))
-                if rid in engine.requests:
+                if engine.has_request(rid):
                     try:
                         engine.pop(rid)
                     except Exception:       # noqa: BLE001 - best effort while failing
@@ -355,30 +354,8 @@ class Parser:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise bad("stream_options", "include_usage must be a bool")
-        max_tokens = body.get(max_tokens_name)
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens or room, room)
-        elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1:
-            max_tokens = min(max_tokens, room)   # the engine stops at the context anyway; say "length"
-        else:
-            raise bad(max_tokens_name, f"must be an int >= 1, got {json.dumps(max_tokens)[:40]}")
-        stop = body.get("stop")
-        stop_strings, stop_ids = [], []
-        if stop is not None:
-            items = [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
-            if not isinstance(items, list) or len(items) > MAX_STOP_STRINGS or not all(
-                    (isinstance(s, str) and s) or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)
-                    for s in items):
-                raise bad("stop", f"must be a non-empty string, a token id, or a list of at most "
-                                  f"{MAX_STOP_STRINGS} of those")
-            stop_strings = [s for s in items if isinstance(s, str)]
-            stop_ids = [s for s in items if isinstance(s, int)]
-        extra_ids = body.get("stop_token_ids")
-        if extra_ids is not None:
-            if not isinstance(extra_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                          for t in extra_ids):
-                raise bad("stop_token_ids", "must be a list of non-negative token ids")
-            stop_ids += extra_ids
+        max_tokens = _max_tokens(body, max_tokens_name, default_max_tokens, room)
+        stop_strings, stop_ids = _stops(body)
         prompt_logprobs = body.get("prompt_logprobs")
         if prompt_logprobs is not None and not isinstance(prompt_logprobs, (bool, int)):
             raise bad("prompt_logprobs", "must be a bool")
@@ -398,6 +375,36 @@ class Parser:
         except TypeError as e:
             raise bad("request", str(e)) from None
         return Job(kind, ids, params, stream, include_usage, stop_strings, prompt_logprobs)
+
+def _max_tokens(body: dict, name: str, default: int | None, room: int) -> int:
+    """The request's output budget, at most the ``room`` its prompt leaves in the context."""
+    max_tokens = body.get(name)
+    if max_tokens is None:
+        return min(default or room, room)
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1:
+        return min(max_tokens, room)   # the engine stops at the context anyway; say "length"
+    raise bad(name, f"must be an int >= 1, got {json.dumps(max_tokens)[:40]}")
+
+def _stops(body: dict) -> tuple[list[str], list[int]]:
+    """``stop`` (strings and token ids) and the ``stop_token_ids`` extension: (stop strings, stop token ids)."""
+    stop = body.get("stop")
+    stop_strings, stop_ids = [], []
+    if stop is not None:
+        items = [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
+        if not isinstance(items, list) or len(items) > MAX_STOP_STRINGS or not all(
+                (isinstance(s, str) and s) or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)
+                for s in items):
+            raise bad("stop", f"must be a non-empty string, a token id, or a list of at most "
+                              f"{MAX_STOP_STRINGS} of those")
+        stop_strings = [s for s in items if isinstance(s, str)]
+        stop_ids = [s for s in items if isinstance(s, int)]
+    extra_ids = body.get("stop_token_ids")
+    if extra_ids is not None:
+        if not isinstance(extra_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                      for t in extra_ids):
+            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        stop_ids += extra_ids
+    return stop_strings, stop_ids
 
 # -- detokenizing, stop strings ------------------------------------------------------------------------------------
 
@@ -480,13 +487,12 @@ class Server:
 
     def metrics(self) -> dict:
         engine = self.engine
-        with engine.lock:
-            total = engine.allocator.num_blocks
-            used = total - engine.allocator.num_free
-            waiting, running = len(engine.scheduler.waiting), len(engine.scheduler.running)
+        stats = engine.stats()
+        total, used = stats.kv_blocks_total, stats.kv_blocks_used
         c = self.loop.counters
-        return {"model": self.model_name, "scheduler_policy": engine.config.scheduler, "requests_waiting": waiting,
-                "requests_running": running, "requests_in_flight": self.loop.in_flight,
+        return {"model": self.model_name, "scheduler_policy": engine.config.policy,
+                "requests_waiting": stats.num_waiting,
+                "requests_running": stats.num_running, "requests_in_flight": self.loop.in_flight,
                 "max_num_seqs": engine.config.max_num_seqs, "max_queue": self.max_queue,
                 "kv_blocks_used": used, "kv_blocks_total": total,
                 "kv_usage": used / total if total else 0.0, "requests_total": c.requests,
@@ -511,7 +517,7 @@ def create_app(server: Server):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse
 
     @asynccontextmanager
     async def lifespan(app):
@@ -522,39 +528,32 @@ def create_app(server: Server):
 
     app = FastAPI(title="alise", lifespan=lifespan)
     app.state.server = server
-    loop = server.loop
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         if exc.status == 400:
-            loop.counters.rejected_bad_request += 1
+            server.loop.counters.rejected_bad_request += 1
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    def check_auth(request: Request) -> None:
-        if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
-            raise ApiError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+    _add_info_routes(app, server)
+    _add_generation_routes(app, server)
+    return app
 
-    async def read_body(request: Request) -> dict:
-        check_auth(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})", param="body") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", param="body")
-        server.parser.check_model(body)
-        return body
+def _add_info_routes(app, server: Server) -> None:
+    """``GET /health``, ``/v1/models`` and ``/metrics``."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
 
     @app.get("/health")
     async def health():
-        if not loop.alive:
-            return JSONResponse({"status": "error", "error": loop.error or "engine loop not running"},
+        if not server.loop.alive:
+            return JSONResponse({"status": "error", "error": server.loop.error or "engine loop not running"},
                                 status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_auth(request)
+        _check_auth(server, request)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": server.created, "owned_by": "alise",
              "max_model_len": server.engine.max_model_len} for name in server.model_names]}
@@ -566,128 +565,168 @@ def create_app(server: Server):
             return m
         return PlainTextResponse(_prometheus(m))
 
+def _add_generation_routes(app, server: Server) -> None:
+    """``POST /v1/completions`` and ``/v1/chat/completions``."""
+    from fastapi import Request
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
-        return await run(request, body, server.parser.completion(body))
+        body = await _read_body(server, request)
+        return await _generate(server, request, body, server.parser.completion(body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        return await run(request, body, server.parser.chat(body))
+        body = await _read_body(server, request)
+        return await _generate(server, request, body, server.parser.chat(body))
 
-    async def run(request: Request, body: dict, job: Job):
-        if not loop.alive:
-            raise ApiError(503, f"the engine is not running ({loop.error})", type="server_error",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        if server.queue_full():
-            loop.counters.rejected_queue_full += 1
-            raise ApiError(503, f"the server's queue is full ({server.max_queue} requests wait for a seat); "
-                                f"retry later", type="server_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        model = body.get("model") or server.model_name
-        disconnected = asyncio.ensure_future(_wait_disconnect(request))
-        stream = loop.submit(job.prompt_ids, job.params, rid)
-        loop.counters.requests += 1
-        done = False
+def _check_auth(server: Server, request) -> None:
+    if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
+        raise ApiError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
 
-        def release(reason: str | None, count: bool = True) -> None:
-            """Once per request: ``reason`` None when the loop released it (finished), else abort it now."""
-            nonlocal done
-            if done:
-                return
-            done = True
-            loop.in_flight -= 1
-            disconnected.cancel()
-            if reason is None:
-                loop.counters.finished += count
-            else:
-                loop.counters.aborted += 1
-                loop.abort(rid)
+async def _read_body(server: Server, request) -> dict:
+    _check_auth(server, request)
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", param="body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", param="body")
+    server.parser.check_model(body)
+    return body
 
+async def _generate(server: Server, request, body: dict, job: Job):
+    """Run a checked request: 503 when the engine is down or the queue is full; else submit it, wait until the
+    engine accepts it, and answer with one JSON body or a stream of server-sent events."""
+    from fastapi.responses import Response, StreamingResponse
+    loop = server.loop
+    if not loop.alive:
+        raise ApiError(503, f"the engine is not running ({loop.error})", type="server_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    if server.queue_full():
+        loop.counters.rejected_queue_full += 1
+        raise ApiError(503, f"the server's queue is full ({server.max_queue} requests wait for a seat); "
+                            f"retry later", type="server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    call = _Call(server, request, job, model=body.get("model") or server.model_name)
+    try:
+        first = await _next(call.stream.queue, call.disconnected)
+    except ClientGone:
+        call.release("disconnect")
+        return Response(status_code=499)
+    except BaseException:
+        call.release("disconnect")
+        raise
+    if first.error:               # the engine refused it: a bad request, nothing started
+        call.release(None, count=False)
+        raise ApiError(400, first.error, param="prompt" if job.kind == "completion" else "messages")
+    loop.counters.prompt_tokens += len(job.prompt_ids)
+    if not job.stream:
+        return await call.complete()
+    return StreamingResponse(call.sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Request-Id": call.rid})
+
+class _Call:
+    """One generation request on the server: submitted to the engine loop, its events turned into text, and
+    released exactly once (finished, or aborted: a client that went away, a stop string)."""
+
+    def __init__(self, server: Server, request, job: Job, model: str):
+        self.loop, self.job, self.model = server.loop, job, model
+        self.rid = f"{'cmpl' if job.kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        self.disconnected = asyncio.ensure_future(_wait_disconnect(request))
+        self.stream = self.loop.submit(job.prompt_ids, job.params, self.rid)
+        self.loop.counters.requests += 1
+        self.done = False
+        self.text = TextStream(server.engine.tokenizer, job.stop)
+        self.created = int(time.time())
         # the client may go away at any point, even before a streaming body starts: abort at once
-        disconnected.add_done_callback(lambda f: None if f.cancelled() else release("disconnect"))
+        self.disconnected.add_done_callback(lambda f: None if f.cancelled() else self.release("disconnect"))
+
+    def release(self, reason: str | None, count: bool = True) -> None:
+        """Once per request: ``reason`` None when the loop released it (finished), else abort it now."""
+        if self.done:
+            return
+        self.done = True
+        self.loop.in_flight -= 1
+        self.disconnected.cancel()
+        if reason is None:
+            self.loop.counters.finished += count
+        else:
+            self.loop.counters.aborted += 1
+            self.loop.abort(self.rid)
+
+    def _ended(self, last: Event | None) -> None:
+        """After the last event read: a finished request the loop released; else a stop string ended it."""
+        self.release(None if last is not None and last.finish_reason is not None else "stop string")
+        self.loop.counters.generation_tokens += self.text.num_tokens
+
+    async def complete(self):
+        """The whole answer as one JSON body."""
+        from fastapi.responses import Response
         try:
-            first = await _next(stream.queue, disconnected)
+            pieces, reason, last = [], None, None
+            async for event in _events(self.stream.queue, self.disconnected):
+                pieces.append(self.text.push(event.token_ids, final=event.finish_reason is not None))
+                last = event
+                if self.text.stopped:
+                    reason = "stop"
+                    break
+                if event.finish_reason is not None:
+                    reason = event.finish_reason
+                    break
         except ClientGone:
-            release("disconnect")
-            return Response(status_code=499)
+            self.release("disconnect")
+            return Response(status_code=499)      # nobody reads it
         except BaseException:
-            release("disconnect")
+            self.release("disconnect")
             raise
-        if first.error:               # the engine refused it: a bad request, nothing started
-            release(None, count=False)
-            raise ApiError(400, first.error, param="prompt" if job.kind == "completion" else "messages")
-        loop.counters.prompt_tokens += len(job.prompt_ids)
-        events = _events(stream.queue, disconnected)
-        text = TextStream(server.engine.tokenizer, job.stop)
-        created = int(time.time())
-        if not job.stream:
-            try:
-                pieces, reason, last = [], None, None
-                async for event in events:
-                    pieces.append(text.push(event.token_ids, final=event.finish_reason is not None))
-                    last = event
-                    if text.stopped:
-                        reason = "stop"
-                        break
-                    if event.finish_reason is not None:
-                        reason = event.finish_reason
-                        break
-            except ClientGone:
-                release("disconnect")
-                return Response(status_code=499)      # nobody reads it
-            except BaseException:
-                release("disconnect")
-                raise
-            release(None if last is not None and last.finish_reason is not None else "stop string")
-            loop.counters.generation_tokens += text.num_tokens
-            if last is not None and last.error and reason == "abort":
-                raise ApiError(500, last.error, type="server_error")
-            return _final_body(job, rid, model, created, "".join(pieces), reason, text.num_tokens,
-                               last.prompt_logprobs if last is not None else None)
+        self._ended(last)
+        if last is not None and last.error and reason == "abort":
+            raise ApiError(500, last.error, type="server_error")
+        return _final_body(self.job, self.rid, self.model, self.created, "".join(pieces), reason,
+                           self.text.num_tokens, last.prompt_logprobs if last is not None else None)
 
-        async def sse():
-            reason, last = None, None
-            try:
-                if job.kind == "chat":
-                    yield _sse(_chunk(job, rid, model, created, {"role": "assistant", "content": ""}, None))
-                async for event in events:
-                    delta = text.push(event.token_ids, final=event.finish_reason is not None)
-                    last = event
-                    if text.stopped:
-                        reason = "stop"
-                    elif event.finish_reason is not None:
-                        reason = event.finish_reason
-                    if delta:
-                        yield _sse(_chunk(job, rid, model, created, delta, None))
-                    if reason is not None:
-                        break
-                release(None if last is not None and last.finish_reason is not None else "stop string")
-                loop.counters.generation_tokens += text.num_tokens
-                usage = _usage(len(job.prompt_ids), text.num_tokens)
-                end = _chunk(job, rid, model, created, "" if job.kind == "completion" else {}, reason)
-                if last is not None and last.error and reason == "abort":
-                    end["error"] = {"message": last.error, "type": "server_error"}
-                if job.prompt_logprobs and last is not None:
-                    end["choices"][0]["prompt_logprobs"] = last.prompt_logprobs
-                if job.include_usage:
-                    yield _sse(end)
-                    yield _sse(_chunk(job, rid, model, created, None, None) | {"choices": [], "usage": usage})
-                else:
-                    yield _sse(end | {"usage": usage})
-                yield "data: [DONE]\n\n"
-            except ClientGone:
-                pass
-            finally:              # disconnected (cancelled, or a failed send): abort at once
-                release("disconnect")
+    async def sse(self):
+        """The answer as server-sent events: a chunk per text delta, the final chunk(s), ``[DONE]``."""
+        job, reason, last = self.job, None, None
+        try:
+            if job.kind == "chat":
+                yield _sse(self._chunk({"role": "assistant", "content": ""}, None))
+            async for event in _events(self.stream.queue, self.disconnected):
+                delta = self.text.push(event.token_ids, final=event.finish_reason is not None)
+                last = event
+                if self.text.stopped:
+                    reason = "stop"
+                elif event.finish_reason is not None:
+                    reason = event.finish_reason
+                if delta:
+                    yield _sse(self._chunk(delta, None))
+                if reason is not None:
+                    break
+            self._ended(last)
+            for line in self._sse_end(reason, last):
+                yield line
+        except ClientGone:
+            pass
+        finally:              # disconnected (cancelled, or a failed send): abort at once
+            self.release("disconnect")
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+    def _chunk(self, delta, reason: str | None) -> dict:
+        return _chunk(self.job, self.rid, self.model, self.created, delta, reason)
 
-    return app
+    def _sse_end(self, reason: str | None, last: Event | None) -> list[str]:
+        """The final chunk (finish reason, usage, an error, prompt log-probs), then ``[DONE]``."""
+        job = self.job
+        usage = _usage(len(job.prompt_ids), self.text.num_tokens)
+        end = self._chunk("" if job.kind == "completion" else {}, reason)
+        if last is not None and last.error and reason == "abort":
+            end["error"] = {"message": last.error, "type": "server_error"}
+        if job.prompt_logprobs and last is not None:
+            end["choices"][0]["prompt_logprobs"] = last.prompt_logprobs
+        if job.include_usage:
+            lines = [_sse(end), _sse(self._chunk(None, None) | {"choices": [], "usage": usage})]
+        else:
+            lines = [_sse(end | {"usage": usage})]
+        return lines + ["data: [DONE]\n\n"]
 
 async def _wait_disconnect(request) -> None:
     while True:
@@ -770,8 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                     help="requests allowed to wait for a seat beyond --max-num-seqs; more get 503 + Retry-After")
     e = ap.add_argument_group("engine (the LLM(...) options; README, 'Use it from Python')")
-    e.add_argument("--scheduler", default="alise", choices=["fcfs", "alise"],
+    e.add_argument("--policy", default="alise", choices=["fcfs", "alise"],
                    help="fcfs, or alise: shortest predicted remaining work first")
+    add_renamed_flag(e, "--scheduler", "--policy", choices=["fcfs", "alise"])
     e.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
                    help="KV cache page format (auto: the model's dtype)")
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -785,8 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV pool size in GiB (default: 1 on CPU, 90%% of free memory on CUDA)")
     e.add_argument("--swap-space-gb", type=float, default=1.0, help="host memory for preempted requests' KV")
-    e.add_argument("--predictor", default="model", choices=["model", "minilm"],
+    e.add_argument("--embedder", default="model", choices=["model", "minilm"],
                    help="the alise length predictor's prompt embedder")
+    add_renamed_flag(e, "--predictor", "--embedder", choices=["model", "minilm"])
     e.add_argument("--predictor-history", default=None,
                    help="JSONL {prompt, output_len} that warm-starts the length predictor")
     e.add_argument("--compile", action="store_true",
@@ -795,8 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
-LLM_OPTIONS = ("scheduler", "kv_dtype", "dtype", "backend", "device", "max_num_seqs", "max_num_batched_tokens",
-               "max_model_len", "kv_cache_blocks", "kv_cache_memory_gb", "swap_space_gb", "predictor",
+LLM_OPTIONS = ("policy", "kv_dtype", "dtype", "backend", "device", "max_num_seqs", "max_num_batched_tokens",
+               "max_model_len", "kv_cache_blocks", "kv_cache_memory_gb", "swap_space_gb", "embedder",
                "predictor_history", "compile", "seed")
 
 def main(argv: list[str] | None = None) -> None:
@@ -815,8 +856,8 @@ def main(argv: list[str] | None = None) -> None:
                         api_key=args.api_key)
     except ValueError as e:
         ap.error(str(e))
-    log.info("serving %s (dtype %s, scheduler %s, %d KV blocks) on http://%s:%d/v1", server.model_name,
-             llm.engine.dtype, args.scheduler, llm.engine.allocator.num_blocks, args.host, args.port)
+    log.info("serving %s (dtype %s, policy %s, %d KV blocks) on http://%s:%d/v1", server.model_name,
+             llm.engine.dtype, args.policy, llm.engine.stats().kv_blocks_total, args.host, args.port)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_keep_alive=30)
 

@@ -16,7 +16,8 @@ import time
 from alise import LLM, SamplingParams
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, checked before the model loads."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a path to an HF-style Llama folder")
     parser.add_argument("--prompt", help="answer this one message and exit")
@@ -34,7 +35,6 @@ def main() -> None:
                         help="compile the decode step with torch.compile (CPU): ~1.5x faster decoding after about "
                              "a minute of compilation at the first answer")
     args = parser.parse_args()
-    # check the arguments before the model loads
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -43,42 +43,19 @@ def main() -> None:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    return args
 
-    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, scheduler="fcfs", seed=args.seed,
+
+def main() -> None:
+    args = parse_args()
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, policy="fcfs", seed=args.seed,
               compile=args.compile)
     if args.compile:   # compile now (one decode step), not in the middle of the first answer
         llm.generate([[0]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     history = [{"role": "system", "content": args.system}] if args.system else []
-
-    def answer(message: str) -> None:
-        history.append({"role": "user", "content": message})
-        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_special_tokens=False)
-        stream, parts, first, interrupted = llm.stream(prompt, params), [], None, False
-        with StopOnCtrlC() as ctrl_c:
-            try:
-                for delta in stream:
-                    if first is None:
-                        first = time.perf_counter()   # the prompt has been processed: decoding starts here
-                    parts.append(delta)
-                    print(delta, end="", flush=True)
-                    if ctrl_c.pressed:
-                        interrupted = True
-                        break
-            finally:
-                stream.close()                        # an unfinished request is aborted, its KV freed
-        end = time.perf_counter()
-        history.append({"role": "assistant", "content": "".join(parts)})
-        if interrupted:
-            print("\n[interrupted]", file=sys.stderr)
-            return
-        n = len(llm.tokenizer.encode("".join(parts), add_special_tokens=False))
-        # the first token came with the prompt's processing; the other n - 1 were decoded after it
-        rate = f", {(n - 1) / (end - first):.1f} decode tokens/s" if n > 1 and end > first else ""
-        print(f"\n[{n} tokens{rate}]", file=sys.stderr)
-
     if args.prompt is not None:
-        answer(args.prompt)
+        answer(llm, history, args.prompt, params)
         return
     print("alise chat: empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
     while True:
@@ -91,7 +68,35 @@ def main() -> None:
         if message == "/reset":
             del history[int(bool(args.system)):]
             continue
-        answer(message)
+        answer(llm, history, message, params)
+
+
+def answer(llm: LLM, history: list[dict], message: str, params: SamplingParams) -> None:
+    """Stream the answer to ``message`` (the conversation so far in ``history``, which gains both turns)."""
+    history.append({"role": "user", "content": message})
+    prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(history), add_special_tokens=False)
+    stream, parts, first, interrupted = llm.stream(prompt, params), [], None, False
+    with StopOnCtrlC() as ctrl_c:
+        try:
+            for delta in stream:
+                if first is None:
+                    first = time.perf_counter()   # the prompt has been processed: decoding starts here
+                parts.append(delta)
+                print(delta, end="", flush=True)
+                if ctrl_c.pressed:
+                    interrupted = True
+                    break
+        finally:
+            stream.close()                        # an unfinished request is aborted, its KV freed
+    end = time.perf_counter()
+    history.append({"role": "assistant", "content": "".join(parts)})
+    if interrupted:
+        print("\n[interrupted]", file=sys.stderr)
+        return
+    n = len(llm.tokenizer.encode("".join(parts), add_special_tokens=False))
+    # the first token came with the prompt's processing; the other n - 1 were decoded after it
+    rate = f", {(n - 1) / (end - first):.1f} decode tokens/s" if n > 1 and end > first else ""
+    print(f"\n[{n} tokens{rate}]", file=sys.stderr)
 
 
 class StopOnCtrlC:

@@ -18,7 +18,7 @@ def burst_completion_steps(llm, prompts, lengths, predictions=None) -> float:
     ``predictions``: the lengths the ``alise`` policy is told at arrival (a stand-in predictor); the oracle gets
     the true lengths through ``true_output_len``."""
     engine = llm.engine
-    oracle = engine.config.scheduler == "oracle"
+    oracle = engine.config.policy == "oracle"
     if predictions is not None:
         engine.predictor = FixedPredictions(dict(zip(map(tuple, prompts), predictions)))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
@@ -61,8 +61,8 @@ def test_perfect_predictions_never_lose_to_fcfs_in_a_burst(tiny_model_dir, seed,
     prompts = random_prompts(12, 4, 30, seed=seed)
     lengths = lognormal_lengths(rng, len(prompts))
     kw = dict(max_num_seqs=seats, kv_cache_blocks=256)
-    fcfs = burst_completion_steps(tiny(tiny_model_dir, scheduler="fcfs", **kw), prompts, lengths)
-    oracle = burst_completion_steps(tiny(tiny_model_dir, scheduler="oracle", **kw), prompts, lengths)
+    fcfs = burst_completion_steps(tiny(tiny_model_dir, policy="fcfs", **kw), prompts, lengths)
+    oracle = burst_completion_steps(tiny(tiny_model_dir, policy="oracle", **kw), prompts, lengths)
     # shortest (true) processing time first minimizes the mean completion on identical seats (P||sum C_j)
     assert oracle <= fcfs
 
@@ -82,8 +82,8 @@ def test_noisy_predictions_stay_bounded_in_a_burst(tiny_model_dir, noise, bound)
         lengths = lognormal_lengths(rng, len(prompts))
         predictions = np.maximum(1, np.rint(np.array(lengths) * np.exp(noise * rng.standard_normal(12)))).astype(int)
         kw = dict(max_num_seqs=3, kv_cache_blocks=256)
-        fcfs = burst_completion_steps(tiny(tiny_model_dir, scheduler="fcfs", **kw), prompts, lengths)
-        alise = burst_completion_steps(tiny(tiny_model_dir, scheduler="alise", **kw), prompts, lengths,
+        fcfs = burst_completion_steps(tiny(tiny_model_dir, policy="fcfs", **kw), prompts, lengths)
+        alise = burst_completion_steps(tiny(tiny_model_dir, policy="alise", **kw), prompts, lengths,
                                        predictions.tolist())
         ratios.append(alise / fcfs)
         from alise.bench.predictor import kendall_tau

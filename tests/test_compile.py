@@ -10,7 +10,7 @@ VOCAB = 320   # tests/conftest.py TINY_CONFIG
 
 
 def tiny(tiny_model_dir, **kwargs) -> LLM:
-    return LLM(str(tiny_model_dir), **(dict(dtype="float32", scheduler="fcfs", kv_cache_blocks=64) | kwargs))
+    return LLM(str(tiny_model_dir), **(dict(dtype="float32", policy="fcfs", kv_cache_blocks=64) | kwargs))
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")   # a failed compile warns and goes eager: fail instead

@@ -1,6 +1,7 @@
 """EngineConfig validation: runs before the model loads, and a bad argument raises ValueError naming it."""
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -94,3 +95,36 @@ def test_swap_kv_dtype_bf16_is_a_deprecated_alias_of_auto():
     with pytest.warns(DeprecationWarning, match='"auto"'):
         config = EngineConfig(swap_kv_dtype="bf16")
     assert config.swap_kv_dtype == "auto"
+
+
+def test_renamed_options_still_work_and_warn(tiny_model_dir):
+    """``scheduler=`` is now ``policy=`` and ``predictor=`` is ``embedder=``: the old keywords work for one release."""
+    with pytest.warns(DeprecationWarning, match="use policy="):
+        config = EngineConfig(scheduler="fcfs")
+    assert config.policy == "fcfs"
+    with pytest.warns(DeprecationWarning, match="use embedder="):
+        config = EngineConfig(predictor="minilm")
+    assert config.embedder == "minilm"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="policy"):
+        EngineConfig(scheduler="sjf")                          # a bad value is named by the new name
+    from alise import LLM
+    with pytest.warns(DeprecationWarning, match="use policy="):
+        llm = LLM(str(tiny_model_dir), dtype="float32", kv_cache_blocks=16, scheduler="oracle")
+    assert llm.engine.config.policy == "oracle"
+
+
+@pytest.mark.parametrize("module, default, other", [("alise.serve", "alise", "fcfs"),
+                                                     ("alise.bench.generate", "fcfs", "alise")])
+def test_renamed_command_line_flags_still_work_and_warn(module, default, other):
+    build_parser = importlib.import_module(module).build_parser
+    assert build_parser().parse_args([]).policy == default
+    with pytest.warns(FutureWarning, match="--scheduler is deprecated: use --policy"):
+        args = build_parser().parse_args(["--scheduler", other])
+    assert args.policy == other and not hasattr(args, "scheduler")
+
+
+def test_renamed_embedder_flag_still_works_and_warns():
+    from alise.serve import build_parser
+    with pytest.warns(FutureWarning, match="--predictor is deprecated: use --embedder"):
+        args = build_parser().parse_args(["--predictor", "minilm"])
+    assert args.embedder == "minilm" and not hasattr(args, "predictor")

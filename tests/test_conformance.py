@@ -95,7 +95,7 @@ def reference(folder: Path):
 
 
 def alise(folder: Path) -> LLM:
-    return LLM(str(folder), dtype="float32", kv_dtype="auto", scheduler="fcfs", max_num_batched_tokens=64,
+    return LLM(str(folder), dtype="float32", kv_dtype="auto", policy="fcfs", max_num_batched_tokens=64,
                kv_cache_blocks=64)
 
 

@@ -5,16 +5,15 @@ import pytest
 import torch
 
 from alise import LLM, SamplingParams
-from alise.sched.request import Status
 
 
 VOCAB = 320   # tests/conftest.py TINY_CONFIG
 
 
 def tiny(tiny_model_dir, **kwargs) -> LLM:
-    kwargs = dict(dtype="float32", scheduler="fcfs", kv_cache_blocks=256) | kwargs
-    if kwargs["scheduler"] != "fcfs":
-        kwargs.setdefault("predictor", "model")   # the cheap embedder: no MiniLM load in unit tests
+    kwargs = dict(dtype="float32", policy="fcfs", kv_cache_blocks=256) | kwargs
+    if kwargs["policy"] != "fcfs":
+        kwargs.setdefault("embedder", "model")   # the cheap embedder: no MiniLM load in unit tests
     return LLM(str(tiny_model_dir), **kwargs)
 
 
@@ -66,7 +65,7 @@ def test_batch_with_mixed_params_respects_each(tiny_llm):
 
 @pytest.fixture(scope="module")
 def real_llm(real_model_dir):
-    return LLM(str(real_model_dir), dtype="float32", scheduler="fcfs")
+    return LLM(str(real_model_dir), dtype="float32", policy="fcfs")
 
 
 REAL_PROMPTS = ["The history of the Roman Empire began when a small city on the Tiber",
@@ -99,16 +98,16 @@ def unconstrained_outputs(tiny_model_dir):
 
 def _assert_pool_whole(engine):
     engine.allocator.check_invariants([])
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-    assert engine.scheduler.swap_space.used_bytes == 0
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.swap_bytes_used == 0
+    assert stats.num_running == stats.num_waiting == 0
 
 
-@pytest.mark.parametrize("scheduler, swap_kv_dtype", [("fcfs", "int8"), ("alise", "auto")])
-def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstrained_outputs, scheduler,
+@pytest.mark.parametrize("policy, swap_kv_dtype", [("fcfs", "int8"), ("alise", "auto")])
+def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstrained_outputs, policy,
                                                     swap_kv_dtype):
     """16 requests of <= 4 blocks each in a 16-block pool: about a quarter fit at once."""
-    llm = tiny(tiny_model_dir, scheduler=scheduler, kv_cache_blocks=16, block_size=16,
+    llm = tiny(tiny_model_dir, policy=policy, kv_cache_blocks=16, block_size=16,
                swap_kv_dtype=swap_kv_dtype)   # "auto" (the default): an exact host copy; fcfs never swaps
     copied_out = []
     copy_out = llm.engine.runner.swap.copy_out
@@ -117,14 +116,14 @@ def test_memory_pressure_preempts_and_still_matches(tiny_model_dir, unconstraine
     assert all(o.finished and o.finish_reason == "length" and o.error is None for o in outs)
     assert [o.token_ids for o in outs] == unconstrained_outputs
     assert sum(o.metrics.num_preemptions for o in outs) > 0
-    if scheduler == "alise":
+    if policy == "alise":
         assert copied_out, "ALISE should have swapped some preempted KV to host memory"
     _assert_pool_whole(llm.engine)
 
 
 def test_memory_pressure_with_compressed_swap_finishes_everything(tiny_model_dir):
     """int8 swap compression is lossy: outputs may drift, but every request finishes and nothing leaks."""
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=16, block_size=16, swap_kv_dtype="int8")
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=16, block_size=16, swap_kv_dtype="int8")
     outs = llm.generate(PRESSURE_PROMPTS, PRESSURE_PARAMS)
     assert all(o.finish_reason == "length" and len(o.token_ids) == 24 for o in outs)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
@@ -168,14 +167,14 @@ def test_abort_in_the_middle_of_a_batch(tiny_model_dir):
     ids = [engine.add_request(p, params) for p in prompts]
     for _ in range(5):
         engine.step()
-    victim = engine.requests[ids[1]]
+    victim = engine._request(ids[1])          # (white box: its block table against the allocator)
     assert victim.num_output_tokens > 0 and victim.block_table and not victim.is_finished
     engine.abort(ids[1])
     assert victim.is_finished and victim.block_table == []
     assert engine.output(ids[1]).finish_reason == "abort"
-    live = [engine.requests[i].block_table for i in ids if not engine.requests[i].is_finished]
+    live = [engine._request(i).block_table for i in ids if not engine.is_finished(i)]
     engine.allocator.check_invariants(live)
-    assert engine.allocator.num_free == engine.allocator.num_blocks - sum(len(t) for t in live)
+    assert engine.stats().kv_blocks_used == sum(len(t) for t in live)
     engine.abort(ids[1])                      # aborting a finished request is a no-op
     while engine.has_unfinished():
         engine.step()
@@ -185,7 +184,7 @@ def test_abort_in_the_middle_of_a_batch(tiny_model_dir):
     for i in (0, 2, 3):
         assert outs[i].finish_reason == "length" and outs[i].token_ids == reference[i]
     engine.allocator.check_invariants([])
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_abort_a_waiting_request(tiny_model_dir):
@@ -198,28 +197,28 @@ def test_abort_a_waiting_request(tiny_model_dir):
     while engine.has_unfinished():
         engine.step()
     assert engine.output(a).finish_reason == "length"
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_abort_a_swapped_out_request(tiny_model_dir):
     """Aborting a request whose KV sits in host swap space gives the swap space back."""
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=16, block_size=16)
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=16, block_size=16)
     engine = llm.engine
     ids = [engine.add_request(p, PRESSURE_PARAMS) for p in PRESSURE_PROMPTS]
     swapped = None
     for _ in range(400):
         engine.step()
-        swapped = next((engine.requests[i] for i in ids if engine.requests[i].swapped), None)
+        swapped = next((engine._request(i) for i in ids if engine._request(i).swapped), None)   # (white box)
         if swapped is not None:
             break
     assert swapped is not None, "no request was swapped out under memory pressure"
-    used = engine.scheduler.swap_space.used_bytes
+    used = engine.stats().swap_bytes_used
     assert used > 0 and swapped.block_table == []
     engine.abort(swapped.request_id)
-    assert engine.scheduler.swap_space.used_bytes < used and swapped.swapped_kv is None
+    assert engine.stats().swap_bytes_used < used and swapped.swapped_kv is None
     while engine.has_unfinished():
         engine.step()
-    assert all(engine.requests[i].finish_reason == ("abort" if engine.requests[i] is swapped else "length")
+    assert all(engine.output(i).finish_reason == ("abort" if i == swapped.request_id else "length")
                for i in ids)
     _assert_pool_whole(engine)
 
@@ -280,7 +279,7 @@ def test_bad_arguments_raise_value_error(tiny_model_dir, tiny_llm):
         tiny_llm.generate(["a", "b"], [SamplingParams()])
     with pytest.raises(ValueError, match="prompt"):
         tiny_llm.generate([3.5])
-    for kwargs, name in [(dict(kv_dtype="fp8"), "kv_dtype"), (dict(scheduler="x"), "scheduler"),
+    for kwargs, name in [(dict(kv_dtype="fp8"), "kv_dtype"), (dict(policy="x"), "policy"),
                          (dict(block_size=0), "block_size"), (dict(dtype="float16"), "dtype"),
                          (dict(max_num_seqs=0), "max_num_seqs"), (dict(kv_cache_blocks=0), "kv_cache_blocks"),
                          (dict(backend="cuda"), "backend")]:
@@ -309,7 +308,7 @@ def test_stream_concatenates_to_the_generated_text_tiny(tiny_llm):
         deltas = list(tiny_llm.stream(prompt, params))
         assert "".join(deltas) == want.text
         assert all(deltas)
-    assert not tiny_llm.engine.requests                 # stream cleans up after itself
+    assert tiny_llm.engine.stats().num_requests == 0    # stream cleans up after itself
 
 
 def test_stream_matches_generate_with_a_stop_token(tiny_llm):
@@ -327,8 +326,8 @@ def test_stream_stopped_early_aborts_and_frees(tiny_model_dir):
     it = llm.stream("The assert statement", SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
     next(it)
     it.close()
-    assert not llm.engine.has_unfinished() and not llm.engine.requests
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+    assert not llm.engine.has_unfinished() and llm.engine.stats().num_requests == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_stream_of_a_bad_prompt_raises(tiny_llm):
@@ -360,7 +359,7 @@ def test_chat_single_and_list(tiny_llm):
 
 
 def test_metrics_are_ordered(tiny_model_dir):
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=16)
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=16)
     outs = llm.generate(random_prompts(8, 5, 40, seed=7), SamplingParams(temperature=0, max_tokens=12))
     for o in outs:
         m = o.metrics
@@ -375,7 +374,7 @@ def test_cost_model_is_fitted_to_this_machine_within_a_few_steps(tiny_model_dir)
     """The speculative ranking must not run long on the default costs (on a CPU they are ~10x off and make
     every request look overdue): the first refit comes after 4 measured steps."""
     from alise.sched.cost import CostModel
-    llm = tiny(tiny_model_dir, scheduler="alise")
+    llm = tiny(tiny_model_dir, policy="alise")
     engine = llm.engine
     engine.add_request(list(range(5, 40)), SamplingParams(max_tokens=8, ignore_eos=True))
     for _ in range(3):

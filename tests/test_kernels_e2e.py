@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 
 def prompt_logprobs(model_dir, backend: str, kv_dtype: str, prompt: list[int], max_tokens: int = 4):
-    llm = LLM(str(model_dir), dtype="float32", kv_dtype=kv_dtype, backend=backend, scheduler="fcfs",
+    llm = LLM(str(model_dir), dtype="float32", kv_dtype=kv_dtype, backend=backend, policy="fcfs",
               kv_cache_blocks=16, block_size=16)
     out = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=True))[0]
     return torch.tensor(out.prompt_logprobs[1:]), out.token_ids

@@ -81,7 +81,7 @@ def engine_prompt_logprobs(llm: LLM, ids: list[int]) -> list[float | None]:
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model_dir):
-    return LLM(str(tiny_model_dir), dtype="float32", scheduler="fcfs", kv_cache_blocks=64)
+    return LLM(str(tiny_model_dir), dtype="float32", policy="fcfs", kv_cache_blocks=64)
 
 
 def test_dense_reference_matches_engine_on_tiny_model(tiny_llm, tiny_model_dir):
@@ -134,7 +134,7 @@ def test_key_center_and_balance_leave_attention_unchanged(tiny_llm, transform):
 
 @pytest.fixture(scope="module")
 def real_llm_f32(real_model_dir):
-    return LLM(str(real_model_dir), dtype="float32", scheduler="fcfs")
+    return LLM(str(real_model_dir), dtype="float32", policy="fcfs")
 
 
 def _topics_ids(llm: LLM, n: int = 1024) -> list[int]:
@@ -153,7 +153,7 @@ PPL_RANGE = {"float32": (12.70, 12.95), "bfloat16": (12.65, 13.05)}
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_perplexity_on_python_docs(real_model_dir, real_llm_f32, dtype):
-    llm = real_llm_f32 if dtype == "float32" else LLM(str(real_model_dir), dtype=dtype, scheduler="fcfs")
+    llm = real_llm_f32 if dtype == "float32" else LLM(str(real_model_dir), dtype=dtype, policy="fcfs")
     ids = _topics_ids(llm)
     logprobs = engine_prompt_logprobs(llm, ids)
     assert len(logprobs) == len(ids) and logprobs[0] is None
@@ -167,7 +167,7 @@ def test_perplexity_on_python_docs(real_model_dir, real_llm_f32, dtype):
 def test_int4_key_calibration_lowers_perplexity(real_model_dir):
     """int4 KV on the same slice (fp32 KV 12.82): measured 13.01 with the engine's key centers and balance
     weights, 13.31 with neither."""
-    llm = LLM(str(real_model_dir), dtype="float32", kv_dtype="int4", scheduler="fcfs")
+    llm = LLM(str(real_model_dir), dtype="float32", kv_dtype="int4", policy="fcfs")
     ids = _topics_ids(llm)
 
     def perplexity() -> float:

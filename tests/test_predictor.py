@@ -316,7 +316,7 @@ def test_minilm_paraphrases_are_closer_than_unrelated(minilm):
     assert min(sim[0, 1], sim[2, 3]) > max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]) + 0.3
 
 
-def test_minilm_batching_truncation_and_cache(minilm):
+def test_minilm_batching_and_truncation(minilm):
     short, long = "hello world", "word " * 1000
     ids = minilm.tokenize([short, long])
     assert ids[0] == [101, 7592, 2088, 102]                      # [CLS] hello world [SEP] in BERT's vocab
@@ -324,7 +324,7 @@ def test_minilm_batching_truncation_and_cache(minilm):
     alone = minilm.encode([short])
     together = minilm.encode([long, short])                      # padded to 256 in one batch
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
-    assert minilm([short]) is not None and short in minilm._cache
+    np.testing.assert_array_equal(minilm([short]), alone)       # the embedder interface: encode
 
 
 def test_minilm_first_layer_against_numpy(minilm):
@@ -374,7 +374,7 @@ def test_minilm_first_layer_against_numpy(minilm):
 def test_minilm_int8_stays_close_to_fp32(minilm):
     from alise.sched.encoder import MiniLM
 
-    q = MiniLM(minilm_dir(), cache_size=0)                       # the default on a CPU: int8 matmuls
+    q = MiniLM(minilm_dir())                                     # the default on a CPU: int8 matmuls
     assert q.int8 and isinstance(q.model.layers[0].qkv, torch.nn.Module)
     s = ["How do I bake sourdough bread at home?", "Explain the causes of the French Revolution.",
          "Write a python function that reverses a linked list.", "What is a good recipe for sourdough?", "hi"]

@@ -27,17 +27,17 @@ def test_greedy_outputs_do_not_depend_on_memory_pressure(tiny_model_dir, alone, 
                                                          max_num_seqs):
     """The default (exact) swap and recompute alike: preempted requests continue with the same tokens."""
     num_blocks = max(num_blocks, -(-60 // block_size))      # the longest request (40 + 20 tokens) must fit alone
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=num_blocks, block_size=block_size,
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=num_blocks, block_size=block_size,
                max_num_seqs=max_num_seqs, swap_space_gb=2e-5)   # room for ~40 tokens: some swap, some recompute
     outs = llm.generate(PROMPTS, PARAMS)
     assert [o.token_ids for o in outs] == alone
     engine = llm.engine
-    assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.requests
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().num_requests == 0
 
 
 def test_pressure_run_swaps_and_recomputes(tiny_model_dir, alone):
     """The case above really exercises both paths (else it would pass vacuously)."""
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=8, block_size=8, max_num_seqs=12,
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=8, block_size=8, max_num_seqs=12,
                swap_space_gb=2e-5)   # room for ~40 tokens: the rest recompute
     outs = llm.generate(PROMPTS, PARAMS)
     assert [o.token_ids for o in outs] == alone
@@ -47,7 +47,7 @@ def test_pressure_run_swaps_and_recomputes(tiny_model_dir, alone):
 
 def test_concurrent_generate_from_threads(tiny_model_dir, alone):
     """Four threads share one engine: each gets exactly its own outputs, and nothing hangs."""
-    llm = tiny(tiny_model_dir, scheduler="alise", kv_cache_blocks=24, block_size=8)
+    llm = tiny(tiny_model_dir, policy="alise", kv_cache_blocks=24, block_size=8)
     results, errors = {}, []
 
     def work(i):
@@ -69,7 +69,7 @@ def test_concurrent_generate_from_threads(tiny_model_dir, alone):
     for i in range(4):
         assert results[i] == alone[3 * i:3 * i + 3]
         assert results[(i, "stream")] == llm.tokenizer.decode(alone[i])
-    assert not llm.engine.requests and not llm.engine.has_unfinished()
+    assert llm.engine.stats().num_requests == 0 and not llm.engine.has_unfinished()
 
 
 def test_generate_releases_its_requests_on_any_exception(tiny_model_dir):
@@ -77,7 +77,7 @@ def test_generate_releases_its_requests_on_any_exception(tiny_model_dir):
     engine = llm.engine
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         llm.generate(["fine", "\ud800 a lone surrogate"], PARAMS)      # the tokenizer refuses it
-    assert not engine.requests and not engine.has_unfinished()
+    assert engine.stats().num_requests == 0 and not engine.has_unfinished()
     step = engine.step
     calls = []
 
@@ -90,8 +90,8 @@ def test_generate_releases_its_requests_on_any_exception(tiny_model_dir):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS[:4], PARAMS)
     engine.step = step
-    assert not engine.requests and not engine.has_unfinished()
-    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.stats().num_requests == 0 and not engine.has_unfinished()
+    assert engine.stats().kv_blocks_used == 0
     assert llm.generate(PROMPTS[:1], PARAMS)[0].token_ids     # the next call runs only its own request
 
 
@@ -101,7 +101,7 @@ def test_pop_releases_and_automatic_ids_skip_user_ids(tiny_model_dir):
     auto = [engine.add_request([5, 6, 7], PARAMS) for _ in range(3)]
     assert user == "1" and "1" not in auto and len(set(auto)) == 3
     out = engine.pop(auto[0])                        # unfinished: aborted and released
-    assert out.finish_reason == "abort" and auto[0] not in engine.requests
+    assert out.finish_reason == "abort" and not engine.has_request(auto[0])
     while engine.has_unfinished():
         engine.step()
     out = engine.pop(user)
@@ -111,13 +111,13 @@ def test_pop_releases_and_automatic_ids_skip_user_ids(tiny_model_dir):
 
 
 def test_oracle_needs_true_lengths(tiny_model_dir):
-    llm = tiny(tiny_model_dir, scheduler="oracle")
+    llm = tiny(tiny_model_dir, policy="oracle")
     with pytest.raises(ValueError, match="true_output_len"):
         llm.generate(["hello"], PARAMS)
-    assert not llm.engine.requests
+    assert llm.engine.stats().num_requests == 0
     engine = llm.engine
     rid = engine.add_request([5, 6, 7], PARAMS, true_output_len=20)
-    assert engine.requests[rid].true_output_len == 20
+    assert engine._request(rid).true_output_len == 20                # (white box: what the oracle ranks by)
 
 
 @pytest.mark.parametrize("bad, name", [(None, "prompts"), (b"hi", "prompts"), ([[5, 6], 3.5], "prompt"),
@@ -126,7 +126,7 @@ def test_bad_prompt_containers_name_the_argument(tiny_model_dir, bad, name):
     llm = tiny(tiny_model_dir)
     with pytest.raises(ValueError, match=name):
         llm.generate(bad, PARAMS)
-    assert not llm.engine.requests
+    assert llm.engine.stats().num_requests == 0
 
 
 @pytest.mark.parametrize("messages, where", [([[]], r"messages\[0\]"), ([{"role": "user"}], "content"),
@@ -135,7 +135,7 @@ def test_bad_chat_messages_name_the_message(tiny_model_dir, messages, where):
     llm = tiny(tiny_model_dir)
     with pytest.raises(ValueError, match=where):
         llm.chat(messages, PARAMS)
-    assert not llm.engine.requests
+    assert llm.engine.stats().num_requests == 0
 
 
 def test_validation_happens_before_the_model_loads(tmp_path):

@@ -1,8 +1,6 @@
 """SamplingParams validation and the sampler: seeds, greedy, top-k, top-p, and seeded requests in a batch."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -188,7 +186,7 @@ def test_a_row_sample_depends_only_on_its_own_generator():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model_dir):
-    return LLM(str(tiny_model_dir), dtype="float32", scheduler="fcfs", kv_cache_blocks=128)
+    return LLM(str(tiny_model_dir), dtype="float32", policy="fcfs", kv_cache_blocks=128)
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_batch(tiny_llm):
@@ -212,9 +210,9 @@ def test_unseeded_requests_are_reproducible_per_engine_seed(tiny_model_dir):
     """Without a per-request seed, the engine's seed decides: two fresh engines with seed=0 agree."""
     p = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     prompts = [list(range(7, 20)), list(range(30, 35))]
-    a = LLM(str(tiny_model_dir), dtype="float32", scheduler="fcfs", kv_cache_blocks=32, seed=0).generate(prompts, p)
-    b = LLM(str(tiny_model_dir), dtype="float32", scheduler="fcfs", kv_cache_blocks=32, seed=0).generate(prompts, p)
-    c = LLM(str(tiny_model_dir), dtype="float32", scheduler="fcfs", kv_cache_blocks=32, seed=1).generate(prompts, p)
+    a = LLM(str(tiny_model_dir), dtype="float32", policy="fcfs", kv_cache_blocks=32, seed=0).generate(prompts, p)
+    b = LLM(str(tiny_model_dir), dtype="float32", policy="fcfs", kv_cache_blocks=32, seed=0).generate(prompts, p)
+    c = LLM(str(tiny_model_dir), dtype="float32", policy="fcfs", kv_cache_blocks=32, seed=1).generate(prompts, p)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert [o.token_ids for o in a] != [o.token_ids for o in c]
     assert a[0].token_ids != a[1].token_ids

@@ -185,8 +185,8 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     from alise import LLM
     prompts = [[5 + i + j for j in range(8 * (i + 1))] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    free = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise").generate(prompts, params)
-    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise", kv_cache_blocks=20, block_size=4,
+    free = LLM(str(tiny_model_dir), dtype="float32", policy="alise").generate(prompts, params)
+    llm = LLM(str(tiny_model_dir), dtype="float32", policy="alise", kv_cache_blocks=20, block_size=4,
               swap_kv_dtype=swap_kv_dtype)
     swapped_ids = set()
     runner = llm.engine.runner
@@ -200,7 +200,7 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
     assert swapped_ids, "the small pool should have forced swaps"
     if swap_kv_dtype == "auto":
         assert [o.token_ids for o in outs] == [o.token_ids for o in free]
-    assert llm.engine.allocator.num_free == 20 and llm.engine.scheduler.swap_space.used_bytes == 0
+    assert llm.engine.stats().kv_blocks_used == 0 and llm.engine.stats().swap_bytes_used == 0
     # the page round trip itself, against the analytical bound
     cache = runner.caches[0]
     cache.k[:2] = torch.randn_like(cache.k[:2])
@@ -226,7 +226,7 @@ def test_engine_swap_roundtrip(tiny_model_dir, swap_kv_dtype):
 def test_engine_predicts_at_arrival_and_learns_online(tiny_model_dir):
     from alise import LLM
     from alise.sched.predictor import DEFAULT_OUTPUT_LEN
-    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler="alise", predictor="model")
+    llm = LLM(str(tiny_model_dir), dtype="float32", policy="alise", embedder="model")
     prompts = [[10 + i, 20 + 2 * i, 30 + 3 * i, 40] for i in range(3)]
     probe = [200, 201, 202]
     assert llm.predictor.predict(probe) == DEFAULT_OUTPUT_LEN            # cold start

@@ -25,7 +25,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 
 def tiny_llm(folder, **kwargs) -> LLM:
-    return LLM(str(folder), **(dict(dtype="float32", scheduler="fcfs", kv_cache_blocks=256) | kwargs))
+    return LLM(str(folder), **(dict(dtype="float32", policy="fcfs", kv_cache_blocks=256) | kwargs))
 
 
 @contextmanager
@@ -72,13 +72,13 @@ def wait_idle(server: Server, timeout: float = 15) -> None:
     engine = server.engine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with engine.lock:
-            if (not engine.requests and engine.allocator.num_free == engine.allocator.num_blocks
-                    and server.loop.in_flight == 0 and not engine.has_unfinished()):
-                return
+        stats = engine.stats()
+        if (stats.num_requests == 0 and stats.kv_blocks_used == 0 and server.loop.in_flight == 0
+                and not engine.has_unfinished()):
+            return
         time.sleep(0.02)
-    raise AssertionError(f"not idle: {len(engine.requests)} requests, {engine.allocator.num_free}/"
-                         f"{engine.allocator.num_blocks} blocks free, {server.loop.in_flight} in flight")
+    raise AssertionError(f"not idle: {stats.num_requests} requests, {stats.kv_blocks_used}/"
+                         f"{stats.kv_blocks_total} blocks used, {server.loop.in_flight} in flight")
 
 
 def sse_events(response) -> list:

@@ -254,12 +254,12 @@ def test_serve_run_on_a_tiny_model(tiny_model_dir):
     """The wall-clock replay on the real engine: every request runs to its trace length; metrics are sane."""
     from alise import LLM
     from alise.bench.__main__ import serve_run
-    llm = LLM(str(tiny_model_dir), scheduler="fcfs", max_num_seqs=2, dtype="float32", kv_cache_blocks=64)
+    llm = LLM(str(tiny_model_dir), policy="fcfs", max_num_seqs=2, dtype="float32", kv_cache_blocks=64)
     trace = [TraceRequest(5, 3, max_tokens=3), TraceRequest(8, 6, max_tokens=6), TraceRequest(4, 2, max_tokens=2)]
     m = serve_run(llm, trace, rate=50.0, seed=0, policy="fcfs")
     assert m["output_lens"] == [3, 6, 2]
     assert m["normalized_latency"] > 0 and m["ttft"] <= m["mean_latency"] and m["num_requests"] == 3
-    assert not llm.engine.requests                         # the run cleans up after itself
+    assert llm.engine.stats().num_requests == 0            # the run cleans up after itself
     assert len(llm.engine.step_samples) >= 6
 
 
@@ -291,7 +291,7 @@ def test_benchmarks_do_not_leak_true_lengths_to_the_predictor(tiny_model_dir):
 
         def observe(self, prompt, output_len):
             pass
-    llm = LLM(str(tiny_model_dir), scheduler="alise", predictor="model", max_num_seqs=2, dtype="float32",
+    llm = LLM(str(tiny_model_dir), policy="alise", embedder="model", max_num_seqs=2, dtype="float32",
               kv_cache_blocks=64)
     recorder = llm.engine.predictor = Recorder()
     trace = [TraceRequest(5, 3, prompt="a b c", max_tokens=40), TraceRequest(8, 6, prompt="d e f", max_tokens=40)]
@@ -300,7 +300,7 @@ def test_benchmarks_do_not_leak_true_lengths_to_the_predictor(tiny_model_dir):
     recorder.caps.clear()
     records = burst_run(llm, trace, max_tokens=30)
     assert [r["output_len"] for r in records] == [3, 6] and set(recorder.caps) == {30}
-    assert llm.engine.predictor is recorder and not llm.engine.requests
+    assert llm.engine.predictor is recorder and llm.engine.stats().num_requests == 0
 
 
 @pytest.mark.parametrize("policy", ["oracle", "fcfs"])
@@ -315,7 +315,7 @@ def test_the_simulator_and_the_engine_make_the_same_schedule(tiny_model_dir, pol
     g = torch.Generator().manual_seed(5)
     prompt_lens = torch.randint(5, 40, (10,), generator=g).tolist()
     output_lens = torch.randint(2, 30, (10,), generator=g).tolist()
-    llm = LLM(str(tiny_model_dir), dtype="float32", scheduler=policy, kv_cache_blocks=10, block_size=8,
+    llm = LLM(str(tiny_model_dir), dtype="float32", policy=policy, kv_cache_blocks=10, block_size=8,
               max_num_seqs=4, max_num_batched_tokens=48, swap_space_gb=2e-5)
     engine = llm.engine
     engine._record_step = lambda *args: None          # the policy keeps CostModel()'s costs, as the profile does

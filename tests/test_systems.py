@@ -103,4 +103,4 @@ def test_serve_systems_reach_the_engine(tiny_model_dir, tmp_path):
     assert engines["alise"]["num_blocks"] > 1.5 * engines["vllm"]["num_blocks"]   # 36 vs 64 bytes a head
     assert runs["vllm"]["swapped_tokens"] == 0 and runs["vllm"]["num_preemptions"] > 0
     # alise's evictions go to host swap space (it has room), never to recompute
-    assert runs["alise"]["recomputed_tokens"] == 0 and engines["alise"]["scheduler"] == "alise"
+    assert runs["alise"]["recomputed_tokens"] == 0 and engines["alise"]["policy"] == "alise"

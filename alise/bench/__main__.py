@@ -308,34 +308,84 @@ def cmd_sim(args) -> dict:
     trace = load_workload(args.workload, args.num_requests, args.seed)
     has_text = all(t.prompt for t in trace)
     errors = S.ErrorModel.load(args.errors)
-    if "alise" not in kinds:
-        note = "none (no alise policy)"
-    elif has_text:
-        note = (f"real LengthPredictor ({args.embed} embedder, retrieval + MLP) on the prompts, learning online"
-                + (f", store warmed with {args.train}" if args.train else ", cold start (no --train)"))
-    else:
-        note = ("the workload has no prompt text, so the real predictor cannot run: ALISE's predictions are "
-                f"sampled from the real predictor's error distribution ({errors.source})")
+    note = _predictions_note(args, kinds, has_text, errors)
     if args.train and has_text:
-        train_prompts = {json.loads(l).get("prompt") for l in Path(args.train).read_text().splitlines() if l.strip()}
-        overlap = sum(t.prompt in train_prompts for t in trace)
-        if overlap:
-            print(f"warning: {overlap} of {len(trace)} measured requests have prompts that are also in --train",
-                  file=sys.stderr)
+        _warn_train_overlap(args.train, trace)
     unloaded = S.unloaded_normalized_latency(trace, profile)
     bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
     rates = _floats(args.rates, "rates") or auto_rates(trace, max((e[1] for e in entries.values()),
                                                                    key=lambda prof: S.capacity_estimate(trace, prof)))
     slos = S.unloaded_slos(trace, profile, args.slo_scale)
-    embed = None
-    if has_text and "alise" in kinds:
-        embed = S.CachedEmbed(_embedder(args.embed))
-        texts = list(dict.fromkeys([t.prompt for t in trace]))
-        if args.train:
-            texts += [json.loads(l)["prompt"] for l in Path(args.train).read_text().splitlines() if l.strip()]
-        print(f"embedding {len(set(texts))} prompts for the predictor ({args.embed})...", file=sys.stderr)
-        for i in range(0, len(texts), 256):
-            embed(texts[i:i + 256])
+    embed = _warm_embedder(args, trace) if has_text and "alise" in kinds else None
+    _print_sim_setup(args, trace, entries, slos, note, unloaded, bounds, rates)
+    stop_above = STOP_FACTOR * max(bounds)
+    _CTX.update(trace=trace, entries=entries, seed=args.seed, has_text=has_text, errors=errors, train=args.train,
+                embed=embed, stop_above=stop_above, predictions_note=note, slos=slos)
+    t0 = time.perf_counter()
+    workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
+    results = sweep(policies, rates, workers, progress=not args.quiet, max_backlog=args.max_backlog,
+                    max_bound=max(bounds))
+    elapsed = time.perf_counter() - t0
+    for r in results:
+        r["sustained"] = sustained(r, args.max_backlog)
+    print_results(results, max_backlog=args.max_backlog)
+    tp = throughputs(results, bounds, policies, args.max_backlog, baseline, reference)
+    _print_throughputs(tp, bounds, unloaded, policies, args.max_backlog, baseline, reference)
+    print(f"\n{len(results)} simulations in {elapsed:.1f} s ({workers} worker(s)); runs stop early once their "
+          f"normalized latency is surely above {stop_above * 1e3:.1f} ms/token ({STOP_FACTOR:g}x the largest bound)")
+    p_mean = np.mean([t.prompt_len for t in trace])
+    o_mean = np.mean([t.output_len for t in trace])
+    max_rate, notes, ratio, vs_oracle = (tp["sustained"][k] for k in ("max_rate", "note", "ratio_vs_baseline",
+                                                                       "ratio_vs_reference"))
+    report = {
+        "kind": "simulation", "workload": args.workload, "num_requests": len(trace), "seed": args.seed,
+        "mean_prompt_len": float(p_mean), "mean_output_len": float(o_mean),
+        "profile": profile.to_json(), "predictions": note, "unloaded_normalized_latency": unloaded,
+        "bounds": bounds, "rates": rates, "stop_above": stop_above, "max_backlog": args.max_backlog,
+        "results": sorted(results, key=lambda r: (r["policy"], r["rate"])),
+        "max_rate": max_rate, "max_rate_note": notes, "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
+        "baseline": baseline, "throughput": tp, "slos": {"ttft": slos[0], "tpot": slos[1], "scale": args.slo_scale,
+                                                         "target": GOODPUT_TARGET},
+        "systems": {n: vars(S.SYSTEMS[n]) for n in policies if n in S.SYSTEMS and (args.systems or args.ablation)},
+        "title": f"{args.workload} on {profile.name} ({profile.kind}), {len(trace)} requests",
+        "command": " ".join(["python -m alise.bench"] + sys.argv[1:]),
+    }
+    _write(report, args)
+    return report
+
+
+def _predictions_note(args, kinds: set, has_text: bool, errors: S.ErrorModel) -> str:
+    """What ALISE's predictions are in this simulation, for the output."""
+    if "alise" not in kinds:
+        return "none (no alise policy)"
+    if has_text:
+        return (f"real LengthPredictor ({args.embed} embedder, retrieval + MLP) on the prompts, learning online"
+                + (f", store warmed with {args.train}" if args.train else ", cold start (no --train)"))
+    return ("the workload has no prompt text, so the real predictor cannot run: ALISE's predictions are "
+            f"sampled from the real predictor's error distribution ({errors.source})")
+
+
+def _warn_train_overlap(train: str, trace: list[W.TraceRequest]) -> None:
+    train_prompts = {json.loads(l).get("prompt") for l in Path(train).read_text().splitlines() if l.strip()}
+    overlap = sum(t.prompt in train_prompts for t in trace)
+    if overlap:
+        print(f"warning: {overlap} of {len(trace)} measured requests have prompts that are also in --train",
+              file=sys.stderr)
+
+
+def _warm_embedder(args, trace: list[W.TraceRequest]) -> S.CachedEmbed:
+    """The predictor's embedder with every prompt of the trace (and of --train) embedded once, up front."""
+    embed = S.CachedEmbed(_embedder(args.embed))
+    texts = list(dict.fromkeys([t.prompt for t in trace]))
+    if args.train:
+        texts += [json.loads(l)["prompt"] for l in Path(args.train).read_text().splitlines() if l.strip()]
+    print(f"embedding {len(set(texts))} prompts for the predictor ({args.embed})...", file=sys.stderr)
+    for i in range(0, len(texts), 256):
+        embed(texts[i:i + 256])
+    return embed
+
+
+def _print_sim_setup(args, trace, entries: dict, slos, note: str, unloaded: float, bounds, rates) -> None:
     p_mean = np.mean([t.prompt_len for t in trace])
     o_mean = np.mean([t.output_len for t in trace])
     print(f"workload: {args.workload}, {len(trace)} requests (seed {args.seed}), mean input {p_mean:.1f} / output "
@@ -354,21 +404,14 @@ def cmd_sim(args) -> dict:
           + ", ".join(f"{b * 1e3:.2f} ms/token ({b / unloaded:.3g}x)" for b in bounds)
           + ("" if args.bounds else " (default: 2x, 5x, 10x unloaded)"))
     print(f"rates: {', '.join(f'{r:g}' for r in rates)} req/s" + ("" if args.rates else " (auto)"))
-    stop_above = STOP_FACTOR * max(bounds)
-    _CTX.update(trace=trace, entries=entries, seed=args.seed, has_text=has_text, errors=errors, train=args.train,
-                embed=embed, stop_above=stop_above, predictions_note=note, slos=slos)
-    t0 = time.perf_counter()
-    workers = args.workers if args.workers else min(len(policies), os.cpu_count() or 1)
-    results = sweep(policies, rates, workers, progress=not args.quiet, max_backlog=args.max_backlog,
-                    max_bound=max(bounds))
-    elapsed = time.perf_counter() - t0
-    for r in results:
-        r["sustained"] = sustained(r, args.max_backlog)
-    print_results(results, max_backlog=args.max_backlog)
-    tp = throughputs(results, bounds, policies, args.max_backlog, baseline, reference)
+
+
+def _print_throughputs(tp: dict, bounds, unloaded: float, policies: list[str], max_backlog: float, baseline: str,
+                       reference: str) -> None:
+    """The three throughput definitions' tables (``throughputs``)."""
     for name, title, backlog in (("paper", "(a) the papers' throughput: finite trace, no overload check", math.inf),
                                  ("sustained", "(b) sustained throughput: runs that fall behind count as over",
-                                  args.max_backlog)):
+                                  max_backlog)):
         t = tp[name]
         print_summary(bounds, unloaded, t["max_rate"], t["note"], t["ratio_vs_baseline"], t["ratio_vs_reference"],
                       max_backlog=backlog, title=title, baseline=baseline, reference=reference)
@@ -377,25 +420,6 @@ def cmd_sim(args) -> dict:
     for p in policies:
         r, rate = g["ratio_vs_baseline"][p], g["note"][p] + f"{g['max_rate'][p]:.3g} req/s"
         print(f"{p:<12} {rate:>14} {'-' if r is None else f'{r:.2f}x':>8} vs {baseline}")
-    max_rate, notes, ratio, vs_oracle = (tp["sustained"][k] for k in ("max_rate", "note", "ratio_vs_baseline",
-                                                                       "ratio_vs_reference"))
-    print(f"\n{len(results)} simulations in {elapsed:.1f} s ({workers} worker(s)); runs stop early once their "
-          f"normalized latency is surely above {stop_above * 1e3:.1f} ms/token ({STOP_FACTOR:g}x the largest bound)")
-    report = {
-        "kind": "simulation", "workload": args.workload, "num_requests": len(trace), "seed": args.seed,
-        "mean_prompt_len": float(p_mean), "mean_output_len": float(o_mean),
-        "profile": profile.to_json(), "predictions": note, "unloaded_normalized_latency": unloaded,
-        "bounds": bounds, "rates": rates, "stop_above": stop_above, "max_backlog": args.max_backlog,
-        "results": sorted(results, key=lambda r: (r["policy"], r["rate"])),
-        "max_rate": max_rate, "max_rate_note": notes, "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
-        "baseline": baseline, "throughput": tp, "slos": {"ttft": slos[0], "tpot": slos[1], "scale": args.slo_scale,
-                                                         "target": GOODPUT_TARGET},
-        "systems": {n: vars(S.SYSTEMS[n]) for n in policies if n in S.SYSTEMS and (args.systems or args.ablation)},
-        "title": f"{args.workload} on {profile.name} ({profile.kind}), {len(trace)} requests",
-        "command": " ".join(["python -m alise.bench"] + sys.argv[1:]),
-    }
-    _write(report, args)
-    return report
 
 
 def _embedder(name: str):
@@ -403,7 +427,7 @@ def _embedder(name: str):
     embedding, the engine's default) or "minilm"."""
     if name == "minilm":
         from alise.sched.encoder import MiniLM
-        return MiniLM.load(cache_size=0)
+        return MiniLM.load()
     from alise.hub import resolve_model
     from alise.sched.encoder import TokenEmbeddingMean
     return TokenEmbeddingMean.from_folder(resolve_model("smollm2"))
@@ -427,15 +451,14 @@ def capped(engine, cap: int):
 
     The benchmarks fix each request's work by setting ``max_tokens`` to its true length (``ignore_eos``); a
     prediction clamped at ``max_tokens`` would hand the predictor the answer."""
-    speculation = engine.scheduler.speculation
-    if speculation is None:
+    if engine.predictor is None:         # the policy does not speculate
         yield
         return
-    before, speculation.cap = speculation.cap, cap
+    before, engine.prediction_cap = engine.prediction_cap, cap
     try:
         yield
     finally:
-        speculation.cap = before
+        engine.prediction_cap = before
 
 
 def _serve_loop(engine, timed, order, ids, start, policy, progress) -> float:
@@ -497,22 +520,7 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
 
 
 def cmd_serve(args) -> dict:
-    from tqdm.auto import tqdm
-
-    from alise import LLM
-    # entries: name -> the engine's options; a system brings its policy, KV pages and preemption mode
-    if args.systems:
-        names = _systems(args)
-        for n in names:
-            system = S.SYSTEMS[n]
-            if (system.preemption == "swap") != (system.policy != "fcfs"):
-                raise SystemExit(f"--systems: {n} ({system.description}) needs a preemption mode the engine ties "
-                                 "to its policy (fcfs recomputes, alise swaps); the simulator has it")
-        entries = {n: dict(scheduler=S.SYSTEMS[n].policy, kv_dtype=S.SYSTEMS[n].kv_dtype) for n in names}
-        baseline, reference = ("vllm" if "vllm" in names else names[0]), "oracle-int8"
-    else:
-        entries = {p: dict(scheduler=p) for p in _policies(args.policies)}
-        baseline, reference = "fcfs", "oracle"
+    entries, baseline, reference = _serve_entries(args)
     policies = list(entries)
     trace = load_workload(args.workload, args.num_requests, args.seed)
     # the work is fixed (output_len, capped); max_tokens is the cap, which is all a predictor may know
@@ -523,75 +531,19 @@ def cmd_serve(args) -> dict:
           f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
           f"mean input {np.mean([t.prompt_len for t in trace]):.0f} / output "
           f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
-    results, samples = [], {}
-    engines = {}
-    for p, options in entries.items():
-        kw = dict(options, max_num_seqs=args.max_num_seqs, seed=args.seed)
-        if args.kv_cache_blocks:
-            kw["kv_cache_blocks"] = args.kv_cache_blocks
-        if args.kv_cache_memory_gb:
-            kw["kv_cache_memory_gb"] = args.kv_cache_memory_gb
-        if args.train and options["scheduler"] == "alise":
-            kw["predictor_history"] = args.train
-        llm = LLM(args.model, **kw)
-        engines[p] = llm
-        print(f"{p}: {llm.engine.runner.kv_dtype} KV pool of {llm.engine.allocator.num_blocks} blocks x "
-              f"{llm.engine.allocator.block_size} tokens, scheduler {llm.engine.config.scheduler}")
-        for rate in rates:
-            with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
-                m = serve_run(llm, trace, rate, args.seed, options["scheduler"], bar)
-            m["policy"] = p
-            results.append(m)
-            samples.setdefault(llm.engine.runner.kv_dtype, []).extend(llm.engine.step_samples)
-            llm.engine.step_samples.clear()
+    engines, results, samples = _serve_measure(args, entries, trace, rates)
     # calibration: the simulator with a cost model fitted to the engine's own measured steps (one fitted profile
     # per KV page format), same trace
-    profiles = {}
-    for p, llm in engines.items():
-        eng, kv_dtype = llm.engine, llm.engine.runner.kv_dtype
-        if kv_dtype in profiles:
-            continue
-        sched = eng.scheduler
-        profiles[kv_dtype] = S.fitted_profile(
-            samples[kv_dtype], num_blocks=sched.allocator.num_blocks, block_size=sched.allocator.block_size,
-            max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
-            max_model_len=eng.max_model_len, swap_capacity_bytes=sched.swap_space.capacity_bytes,
-            swap_bytes_per_token=sched.swap_space.bytes_per_token, swap_bandwidth=5e9,
-            name=f"cpu-{args.model}-{kv_dtype}", kv_dtype=kv_dtype)
-        print(f"\nfitted cost model ({kv_dtype} pages) from {len(samples[kv_dtype])} measured steps: "
-              f"{profiles[kv_dtype].cost} ({profiles[kv_dtype].description})")
-    profile = profiles[engines[baseline].engine.runner.kv_dtype]
+    profiles = _fitted_profiles(args, engines, samples)
+    profile = profiles[engines[baseline].engine.kv_dtype]
     if args.save_profile:
         for kv_dtype, prof in profiles.items():
             path = args.save_profile if len(profiles) == 1 else f"{Path(args.save_profile).with_suffix('')}-{kv_dtype}.json"
             prof.save(path)
             print(f"wrote {path}")
-    errors = S.ErrorModel.load(args.errors)
-    calib = []
-    for m in results:
-        served_trace = [W.TraceRequest(t.prompt_len, n, t.prompt, None, t.max_tokens, t.source)
-                        for t, n in zip(trace, m["output_lens"])]
-        timed = W.with_arrivals(served_trace, m["rate"], args.seed)
-        preds = None
-        engine = engines[m["policy"]].engine
-        if engine.config.scheduler == "alise":
-            if all(t.prompt for t in timed):
-                embed = engine.predictor.embed                           # the engine's own embedder
-                preds = S.Speculation(S.make_real_predictor(args.train, args.seed, embed=embed))
-            else:
-                preds = S.SampledSpeculation(errors, args.seed + 1)
-        sim = S.simulate(timed, engine.config.scheduler, profiles[engine.runner.kv_dtype],
-                         predictions=preds).metrics()
-        m["simulated_normalized_latency"] = sim["normalized_latency"]
-        m["simulated_mean_latency"] = sim["mean_latency"]
-        calib.append(m)
+    _simulate_served(args, results, trace, engines, profiles)
     print_results(results)
-    print(f"\ncalibration: simulated (fitted cost model) vs measured normalized latency, same trace and arrivals")
-    print(f"{'policy':<7} {'rate':>6} {'measured':>10} {'simulated':>10} {'sim/meas':>9}")
-    for m in calib:
-        print(f"{m['policy']:<7} {m['rate']:>6.3g} {m['normalized_latency'] * 1e3:>8.1f}ms "
-              f"{m['simulated_normalized_latency'] * 1e3:>8.1f}ms "
-              f"{m['simulated_normalized_latency'] / m['normalized_latency']:>9.2f}")
+    _print_calibration(results)
     unloaded = S.unloaded_normalized_latency(trace, profile)
     bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
     max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies, baseline=baseline, reference=reference)
@@ -599,8 +551,8 @@ def cmd_serve(args) -> dict:
     for m in results:
         m.pop("output_lens", None)
     report = {"kind": "serve", "workload": args.workload, "model": args.model, "num_requests": len(trace),
-              "engines": {p: {"scheduler": llm.engine.config.scheduler, "kv_dtype": llm.engine.runner.kv_dtype,
-                              "num_blocks": llm.engine.allocator.num_blocks} for p, llm in engines.items()},
+              "engines": {p: {"policy": llm.engine.config.policy, "kv_dtype": llm.engine.kv_dtype,
+                              "num_blocks": llm.engine.stats().kv_blocks_total} for p, llm in engines.items()},
               "seed": args.seed, "profile": profile.to_json(), "unloaded_normalized_latency": unloaded,
               "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
               "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
@@ -608,6 +560,99 @@ def cmd_serve(args) -> dict:
               "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
     _write(report, args)
     return report
+
+
+def _serve_entries(args) -> tuple[dict, str, str]:
+    """{name: the engine's options} for the policies or the systems (a system brings its policy and KV pages;
+    the engine ties the preemption mode to the policy), the baseline and the reference."""
+    if not args.systems:
+        return {p: dict(policy=p) for p in _policies(args.policies)}, "fcfs", "oracle"
+    names = _systems(args)
+    for n in names:
+        system = S.SYSTEMS[n]
+        if (system.preemption == "swap") != (system.policy != "fcfs"):
+            raise SystemExit(f"--systems: {n} ({system.description}) needs a preemption mode the engine ties "
+                             "to its policy (fcfs recomputes, alise swaps); the simulator has it")
+    entries = {n: dict(policy=S.SYSTEMS[n].policy, kv_dtype=S.SYSTEMS[n].kv_dtype) for n in names}
+    return entries, ("vllm" if "vllm" in names else names[0]), "oracle-int8"
+
+
+def _serve_measure(args, entries: dict, trace: list[W.TraceRequest], rates: list[float]) -> tuple[dict, list, dict]:
+    """One engine per entry, ``serve_run`` at every rate: the engines, one metrics row per run, and the measured
+    step samples per KV page format."""
+    from tqdm.auto import tqdm
+
+    from alise import LLM
+    results, samples, engines = [], {}, {}
+    for p, options in entries.items():
+        kw = dict(options, max_num_seqs=args.max_num_seqs, seed=args.seed)
+        if args.kv_cache_blocks:
+            kw["kv_cache_blocks"] = args.kv_cache_blocks
+        if args.kv_cache_memory_gb:
+            kw["kv_cache_memory_gb"] = args.kv_cache_memory_gb
+        if args.train and options["policy"] == "alise":
+            kw["predictor_history"] = args.train
+        llm = LLM(args.model, **kw)
+        engines[p] = llm
+        print(f"{p}: {llm.engine.kv_dtype} KV pool of {llm.engine.stats().kv_blocks_total} blocks x "
+              f"{llm.engine.config.block_size} tokens, policy {llm.engine.config.policy}")
+        for rate in rates:
+            with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
+                m = serve_run(llm, trace, rate, args.seed, options["policy"], bar)
+            m["policy"] = p
+            results.append(m)
+            samples.setdefault(llm.engine.kv_dtype, []).extend(llm.engine.step_samples)
+            llm.engine.step_samples.clear()
+    return engines, results, samples
+
+
+def _fitted_profiles(args, engines: dict, samples: dict) -> dict:
+    """A simulator profile per KV page format: the engine's limits, a cost model fitted to its measured steps."""
+    profiles = {}
+    for llm in engines.values():
+        eng, kv_dtype = llm.engine, llm.engine.kv_dtype
+        if kv_dtype in profiles:
+            continue
+        stats, config = eng.stats(), eng.config
+        profiles[kv_dtype] = S.fitted_profile(
+            samples[kv_dtype], num_blocks=stats.kv_blocks_total, block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=eng.max_model_len, swap_capacity_bytes=stats.swap_bytes_total,
+            swap_bytes_per_token=stats.swap_bytes_per_token, swap_bandwidth=5e9,
+            name=f"cpu-{args.model}-{kv_dtype}", kv_dtype=kv_dtype)
+        print(f"\nfitted cost model ({kv_dtype} pages) from {len(samples[kv_dtype])} measured steps: "
+              f"{profiles[kv_dtype].cost} ({profiles[kv_dtype].description})")
+    return profiles
+
+
+def _simulate_served(args, results: list[dict], trace: list[W.TraceRequest], engines: dict, profiles: dict) -> None:
+    """Add to each measured run the simulator's normalized latency on its fitted profile (same lengths and
+    arrivals)."""
+    errors = S.ErrorModel.load(args.errors)
+    for m in results:
+        served_trace = [W.TraceRequest(t.prompt_len, n, t.prompt, None, t.max_tokens, t.source)
+                        for t, n in zip(trace, m["output_lens"])]
+        timed = W.with_arrivals(served_trace, m["rate"], args.seed)
+        preds = None
+        engine = engines[m["policy"]].engine
+        if engine.config.policy == "alise":
+            if all(t.prompt for t in timed):
+                embed = engine.predictor.embed                           # the engine's own embedder
+                preds = S.Speculation(S.make_real_predictor(args.train, args.seed, embed=embed))
+            else:
+                preds = S.SampledSpeculation(errors, args.seed + 1)
+        sim = S.simulate(timed, engine.config.policy, profiles[engine.kv_dtype], predictions=preds).metrics()
+        m["simulated_normalized_latency"] = sim["normalized_latency"]
+        m["simulated_mean_latency"] = sim["mean_latency"]
+
+
+def _print_calibration(results: list[dict]) -> None:
+    print(f"\ncalibration: simulated (fitted cost model) vs measured normalized latency, same trace and arrivals")
+    print(f"{'policy':<7} {'rate':>6} {'measured':>10} {'simulated':>10} {'sim/meas':>9}")
+    for m in results:
+        print(f"{m['policy']:<7} {m['rate']:>6.3g} {m['normalized_latency'] * 1e3:>8.1f}ms "
+              f"{m['simulated_normalized_latency'] * 1e3:>8.1f}ms "
+              f"{m['simulated_normalized_latency'] / m['normalized_latency']:>9.2f}")
 
 
 # -- burst ----------------------------------------------------------------------------------------------------
@@ -620,7 +665,7 @@ def burst_run(llm, trace: list[W.TraceRequest], max_tokens: int) -> list[dict]:
     do the same work. Predictions are clamped at ``max_tokens``, not at the request's length."""
     from alise import SamplingParams
     engine = llm.engine
-    oracle = engine.config.scheduler == "oracle"
+    oracle = engine.config.policy == "oracle"
     start = time.monotonic()
     ids = []
     with capped(engine, max_tokens):
@@ -658,7 +703,7 @@ def cmd_burst(args) -> dict:
         raise SystemExit(f"--num-requests {args.num_requests}: the workload has only {len(pool)} requests")
     engines = {}
     for p in policies:
-        kw = dict(scheduler=p, max_num_seqs=args.max_num_seqs, seed=args.seed, dtype=args.dtype)
+        kw = dict(policy=p, max_num_seqs=args.max_num_seqs, seed=args.seed, dtype=args.dtype)
         if args.train and p == "alise":
             kw["predictor_history"] = args.train
         engines[p] = LLM(args.model, **kw)
@@ -669,43 +714,9 @@ def cmd_burst(args) -> dict:
     for rep in range(args.repeats):
         # disjoint samples while the pool lasts: the predictor learns online, so a request must not come back
         lo = (rep * args.num_requests) % max(1, len(pool) - args.num_requests + 1)
-        sample = pool[lo:lo + args.num_requests]
-        run = {"repeat": rep, "policies": {}}
-        for p in policies:
-            recs = burst_run(engines[p], sample, args.max_tokens)
-            run["policies"][p] = {"mean_completion": float(np.mean([r["completion"] for r in recs])),
-                                  "requests": recs}
-        base = run["policies"].get("fcfs", {}).get("mean_completion")
-        line = f"run {rep}: " + ", ".join(
-            f"{p} {v['mean_completion']:.2f} s" + (f" ({v['mean_completion'] / base:.2f}x fcfs)" if base else "")
-            for p, v in run["policies"].items())
-        print(line, flush=True)
-        runs.append(run)
-    summary = {}
-    for p in policies:
-        vals = [r["policies"][p]["mean_completion"] for r in runs]
-        ratios = [r["policies"][p]["mean_completion"] / r["policies"]["fcfs"]["mean_completion"] for r in runs] \
-            if "fcfs" in policies else []
-        recs = [x for r in runs for x in r["policies"][p]["requests"]]
-        pred = [x["predicted_output_len"] for x in recs]
-        tau = None
-        if all(v is not None for v in pred):
-            from alise.bench.predictor import kendall_tau
-            tau = kendall_tau(pred, [x["output_len"] for x in recs])
-        summary[p] = {"median_mean_completion": float(np.median(vals)),
-                      "median_ratio_vs_fcfs": float(np.median(ratios)) if ratios else None,
-                      "max_ratio_vs_fcfs": float(max(ratios)) if ratios else None,
-                      "preemptions": sum(x["num_preemptions"] for x in recs),
-                      "recomputed_tokens": sum(x["recomputed_tokens"] for x in recs),
-                      "swapped_tokens": sum(x["swapped_tokens"] for x in recs), "prediction_kendall_tau": tau}
-    print(f"\n{'policy':<7} {'mean completion (median of runs)':>33} {'vs fcfs (median, max)':>22} "
-          f"{'preempt':>8} {'recomputed':>10} {'swapped':>8} {'tau':>6}")
-    for p, v in summary.items():
-        ratio = "-" if v["median_ratio_vs_fcfs"] is None else \
-            f"{v['median_ratio_vs_fcfs']:.2f}x, {v['max_ratio_vs_fcfs']:.2f}x"
-        tau = "-" if v["prediction_kendall_tau"] is None else f"{v['prediction_kendall_tau']:.2f}"
-        print(f"{p:<7} {v['median_mean_completion']:>31.2f} s {ratio:>22} {v['preemptions']:>8} "
-              f"{v['recomputed_tokens']:>10} {v['swapped_tokens']:>8} {tau:>6}")
+        runs.append(_burst_repeat(rep, engines, pool[lo:lo + args.num_requests], args.max_tokens))
+    summary = {p: _burst_summary(p, runs, policies) for p in policies}
+    _print_burst_summary(summary)
     report = {"kind": "burst", "workload": args.workload, "model": args.model, "num_requests": args.num_requests,
               "max_num_seqs": args.max_num_seqs, "max_tokens": args.max_tokens, "cpu": cpu_kind(),
               "dtype": engines[policies[0]].engine.dtype, "runs": runs, "summary": summary,
@@ -714,6 +725,50 @@ def cmd_burst(args) -> dict:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return report
+
+
+def _burst_repeat(rep: int, engines: dict, sample: list[W.TraceRequest], max_tokens: int) -> dict:
+    """One burst of ``sample`` on every policy's engine; prints the mean completion times."""
+    run = {"repeat": rep, "policies": {}}
+    for p, llm in engines.items():
+        recs = burst_run(llm, sample, max_tokens)
+        run["policies"][p] = {"mean_completion": float(np.mean([r["completion"] for r in recs])), "requests": recs}
+    base = run["policies"].get("fcfs", {}).get("mean_completion")
+    line = f"run {rep}: " + ", ".join(
+        f"{p} {v['mean_completion']:.2f} s" + (f" ({v['mean_completion'] / base:.2f}x fcfs)" if base else "")
+        for p, v in run["policies"].items())
+    print(line, flush=True)
+    return run
+
+
+def _burst_summary(p: str, runs: list[dict], policies: list[str]) -> dict:
+    """Policy ``p`` over the runs: median mean completion, its ratio to fcfs, preemptions, prediction quality."""
+    vals = [r["policies"][p]["mean_completion"] for r in runs]
+    ratios = [r["policies"][p]["mean_completion"] / r["policies"]["fcfs"]["mean_completion"] for r in runs] \
+        if "fcfs" in policies else []
+    recs = [x for r in runs for x in r["policies"][p]["requests"]]
+    pred = [x["predicted_output_len"] for x in recs]
+    tau = None
+    if all(v is not None for v in pred):
+        from alise.bench.predictor import kendall_tau
+        tau = kendall_tau(pred, [x["output_len"] for x in recs])
+    return {"median_mean_completion": float(np.median(vals)),
+            "median_ratio_vs_fcfs": float(np.median(ratios)) if ratios else None,
+            "max_ratio_vs_fcfs": float(max(ratios)) if ratios else None,
+            "preemptions": sum(x["num_preemptions"] for x in recs),
+            "recomputed_tokens": sum(x["recomputed_tokens"] for x in recs),
+            "swapped_tokens": sum(x["swapped_tokens"] for x in recs), "prediction_kendall_tau": tau}
+
+
+def _print_burst_summary(summary: dict) -> None:
+    print(f"\n{'policy':<7} {'mean completion (median of runs)':>33} {'vs fcfs (median, max)':>22} "
+          f"{'preempt':>8} {'recomputed':>10} {'swapped':>8} {'tau':>6}")
+    for p, v in summary.items():
+        ratio = "-" if v["median_ratio_vs_fcfs"] is None else \
+            f"{v['median_ratio_vs_fcfs']:.2f}x, {v['max_ratio_vs_fcfs']:.2f}x"
+        tau = "-" if v["prediction_kendall_tau"] is None else f"{v['prediction_kendall_tau']:.2f}"
+        print(f"{p:<7} {v['median_mean_completion']:>31.2f} s {ratio:>22} {v['preemptions']:>8} "
+              f"{v['recomputed_tokens']:>10} {v['swapped_tokens']:>8} {tau:>6}")
 
 
 def cpu_kind() -> str:
@@ -789,22 +844,31 @@ def cmd_predictor_errors(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m alise.bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_sim_parser(sub)
+    _add_serve_parser(sub)
+    _add_burst_parser(sub)
+    _add_trace_parsers(sub)
+    return ap
 
-    def common(p):
-        p.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | mtbench | a trace file (JSONL)")
-        p.add_argument("--policies", default="fcfs,alise,oracle")
-        p.add_argument("--rates", help="comma-separated request rates (req/s); default: automatic sweep")
-        p.add_argument("--bounds", help="normalized-latency bounds (s/token); default 2x, 5x, 10x unloaded")
-        p.add_argument("--num-requests", type=int, default=None)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--train", help="JSONL {prompt, output_len}: warms the real predictor's store")
-        p.add_argument("--errors", help=f"predictor error distribution JSON (default {S.ERRORS_PATH.name})")
-        p.add_argument("--json", help="write the report here")
-        p.add_argument("--plot", help="write the normalized-latency plot (PNG) here")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+def _common_args(p: argparse.ArgumentParser) -> None:
+    """The options sim and serve share."""
+    p.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | mtbench | a trace file (JSONL)")
+    p.add_argument("--policies", default="fcfs,alise,oracle")
+    p.add_argument("--rates", help="comma-separated request rates (req/s); default: automatic sweep")
+    p.add_argument("--bounds", help="normalized-latency bounds (s/token); default 2x, 5x, 10x unloaded")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", help="JSONL {prompt, output_len}: warms the real predictor's store")
+    p.add_argument("--errors", help=f"predictor error distribution JSON (default {S.ERRORS_PATH.name})")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write the normalized-latency plot (PNG) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sim_parser(sub) -> None:
     s = sub.add_parser("sim", help="discrete-event simulation on a GPU profile (or a fitted one)")
-    common(s)
+    _common_args(s)
     s.add_argument("--profile", help=f"<accelerator>-<model> roofline model (default {S.DEFAULT_PROFILE}; "
                    f"accelerators {sorted(S.ACCELERATORS)}, models {sorted(S.MODELS)}) or a profile JSON")
     s.add_argument("--max-num-seqs", type=int, default=None, help="seats in a batch (default 256, vLLM's; a "
@@ -828,8 +892,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="processes (default: one per policy, up to the CPUs)")
     s.set_defaults(func=cmd_sim, num_requests=1000)
 
+
+def _add_serve_parser(sub) -> None:
     v = sub.add_parser("serve", help="the same measurement on the real engine (wall clock) + calibration")
-    common(v)
+    _common_args(v)
     v.add_argument("--model", default="smollm2")
     v.add_argument("--max-num-seqs", type=int, default=16)
     v.add_argument("--kv-cache-blocks", type=int, default=None)
@@ -841,6 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
     v.set_defaults(func=cmd_serve, num_requests=24, workload="mtbench")
 
+
+def _add_burst_parser(sub) -> None:
     b = sub.add_parser("burst", help="every request at t=0 on the real engine: mean completion per policy")
     b.add_argument("--workload", required=True, help="a trace file with prompts (e.g. split-trace's test part)")
     b.add_argument("--policies", default="fcfs,alise")
@@ -855,6 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the report (every request's record) here")
     b.set_defaults(func=cmd_burst)
 
+
+def _add_trace_parsers(sub) -> None:
+    """make-trace, split-trace and predictor-errors."""
     t = sub.add_parser("make-trace", help="run the default model on the real prompts; write their lengths")
     t.add_argument("--out", required=True)
     t.add_argument("--max-tokens", type=int, default=W.TRACE_MAX_TOKENS)
@@ -882,7 +953,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep-duplicates", action="store_true",
                    help="keep repeated prompts (retrieval then finds exact repeats; optimistic for unique-prompt sets)")
     e.set_defaults(func=cmd_predictor_errors)
-    return ap
 
 
 def main(argv: list[str] | None = None):

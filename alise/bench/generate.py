@@ -38,6 +38,7 @@ from contextlib import contextmanager
 import torch
 
 from alise import LLM, SamplingParams
+from alise.config import add_renamed_flag
 
 
 def _topic_text() -> str:
@@ -176,11 +177,11 @@ def bench_batch(llm: LLM, prompts: list[list[int]], output_tokens: int) -> dict:
             "preemptions": sum(o.metrics.num_preemptions for o in outs)}
 
 
-def bench_compile_ratio(model: str, dtype: str, scheduler: str, concurrency: list[int], prompts_of,
+def bench_compile_ratio(model: str, dtype: str, policy: str, concurrency: list[int], prompts_of,
                         output_tokens: int, runs: int) -> list[list]:
     """Eager and compiled engines side by side: for each batch size, ``runs`` alternating runs of each;
     median decode tokens/s (decode-only steps, as in ``bench_batch``) of each and their ratio."""
-    engines = {compiled: LLM(model, dtype=dtype, scheduler=scheduler, max_num_seqs=max(concurrency),
+    engines = {compiled: LLM(model, dtype=dtype, policy=policy, max_num_seqs=max(concurrency),
                              compile=compiled) for compiled in (False, True)}
     for llm in engines.values():
         warm_up(llm, [prompts_of(n) for n in concurrency])
@@ -250,7 +251,7 @@ def bench_scheduler(policy_name: str, num_requests: int, steps: int, seed: int =
 # -- main ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m alise.bench.generate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-tokens", type=int, default=None, help="output tokens per batched request (default 64)")
     ap.add_argument("--sched-queued", default="256,4096", help="queue sizes of the scheduler section")
     ap.add_argument("--sched-steps", type=int, default=None, help="schedule() calls timed (default 50)")
-    ap.add_argument("--scheduler", default="fcfs", help="engine scheduler for the model sections (default fcfs)")
+    ap.add_argument("--policy", default="fcfs", help="engine policy for the model sections (default fcfs)")
+    add_renamed_flag(ap, "--scheduler", "--policy")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
                          "1 is often much faster than oversubscribed OpenMP threads")
@@ -276,12 +278,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="compile decode steps (LLM(compile=True)); each model's first decode step compiles, "
                          "about a minute, before the timed runs")
     ap.add_argument("--quick", action="store_true", help="fewer runs, shorter outputs, batches of 1 and 8 only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    runs = args.runs or (2 if args.quick else 5)
-    decode_tokens = args.decode_tokens or (24 if args.quick else 64)
-    batch_tokens = args.batch_tokens or (16 if args.quick else 64)
-    concurrency = [int(x) for x in (args.concurrency or ("1,8" if args.quick else "1,8,32,64")).split(",")]
-    sched_steps = args.sched_steps or (10 if args.quick else 50)
+    # the defaults that --quick shrinks
+    args.runs = args.runs or (2 if args.quick else 5)
+    args.decode_tokens = args.decode_tokens or (24 if args.quick else 64)
+    args.batch_tokens = args.batch_tokens or (16 if args.quick else 64)
+    args.concurrency = [int(x) for x in (args.concurrency or ("1,8" if args.quick else "1,8,32,64")).split(",")]
+    args.sched_steps = args.sched_steps or (10 if args.quick else 50)
     if args.threads is not None:
         if args.threads < 1:
             ap.error("--threads must be >= 1")
@@ -296,54 +304,66 @@ def main(argv: list[str] | None = None) -> None:
           f"CPU {cpu_kind()}, cuda={torch.cuda.is_available()}, decode steps "
           f"{'compiled' if args.compile else 'eager'}, {_load()}")
     text = _topic_text()
-
     if "single" in sections:
-        rows = []
-        for dtype in args.dtypes.split(","):
-            llm = LLM(args.model, dtype=dtype, scheduler=args.scheduler, compile=args.compile)
-            ids = llm.tokenizer.encode(text)[:args.prefill_tokens]
-            r = bench_single(llm, ids, decode_tokens, runs)
-            rows.append([dtype, len(ids), r["prefill"], decode_tokens, r["decode"], r["decode_ms"],
-                         f"{min(r['decode_all']):.3g}-{max(r['decode_all']):.3g}"])
-            del llm
-        _table(f"1. single stream (median of {runs} runs; {_load()})",
-               ["dtype", "prompt", "prefill tok/s", "out", "decode tok/s", "ms/token", "decode range"], rows)
-
+        section_single(args, text)
     if "batch" in sections:
-        llm = LLM(args.model, dtype=args.batch_dtype, scheduler=args.scheduler, max_num_seqs=max(concurrency),
-                  compile=args.compile)
-        words = llm.tokenizer.encode(text)
-        rng = random.Random(0)
-        warm_up(llm, [batch_prompts(words, n, rng) for n in concurrency])
-        rows = []
-        for n in concurrency:
-            r = bench_batch(llm, batch_prompts(words, n, rng), batch_tokens)
-            rows.append([n, r["decode_tok_s"], r["e2e_tok_s"], r["step_ms"], r["sched_ms"], r["attn_ms"],
-                         r["model_ms"], r["other_ms"], r["decode_steps"]])
-        _table(f"2. batched decode, {args.batch_dtype}, ~32-token prompts, {batch_tokens} output tokens each "
-               f"({_load()}); per decode step, ms",
-               ["concurrent", "decode tok/s", "end-to-end tok/s", "step", "scheduler", "attention",
-                "model (rest)", "engine other", "decode steps"], rows)
-
+        section_batch(args, text)
     if "compile" in sections:
-        from alise.hub import resolve_model
-        from alise.tokenizer import Tokenizer
-        words = Tokenizer.from_folder(resolve_model(args.model)).encode(text)
-        rng = random.Random(0)
-        rows = bench_compile_ratio(args.model, args.batch_dtype, args.scheduler, concurrency,
-                                   lambda n: batch_prompts(words, n, rng), batch_tokens, runs)
-        _table(f"4. eager vs compiled decode, {args.batch_dtype}, side by side ({runs} alternating runs each, "
-               f"median; {_load()}); tokens/s",
-               ["concurrent", "eager", "compiled", "compiled / eager"], rows)
-
+        section_compile(args, text)
     if "sched" in sections:
-        rows = []
-        for queued in [int(x) for x in args.sched_queued.split(",")]:
-            for policy in ("fcfs", "alise"):
-                r = bench_scheduler(policy, queued, sched_steps)
-                rows.append([policy, queued, r["median_ms"], r["p90_ms"]])
-        _table(f"3. scheduler alone: schedule() per step, max_num_seqs=64, {sched_steps} steps ({_load()})",
-               ["policy", "queued", "median ms", "p90 ms"], rows)
+        section_sched(args)
+
+
+def section_single(args: argparse.Namespace, text: str) -> None:
+    rows = []
+    for dtype in args.dtypes.split(","):
+        llm = LLM(args.model, dtype=dtype, policy=args.policy, compile=args.compile)
+        ids = llm.tokenizer.encode(text)[:args.prefill_tokens]
+        r = bench_single(llm, ids, args.decode_tokens, args.runs)
+        rows.append([dtype, len(ids), r["prefill"], args.decode_tokens, r["decode"], r["decode_ms"],
+                     f"{min(r['decode_all']):.3g}-{max(r['decode_all']):.3g}"])
+        del llm
+    _table(f"1. single stream (median of {args.runs} runs; {_load()})",
+           ["dtype", "prompt", "prefill tok/s", "out", "decode tok/s", "ms/token", "decode range"], rows)
+
+
+def section_batch(args: argparse.Namespace, text: str) -> None:
+    llm = LLM(args.model, dtype=args.batch_dtype, policy=args.policy, max_num_seqs=max(args.concurrency),
+              compile=args.compile)
+    words = llm.tokenizer.encode(text)
+    rng = random.Random(0)
+    warm_up(llm, [batch_prompts(words, n, rng) for n in args.concurrency])
+    rows = []
+    for n in args.concurrency:
+        r = bench_batch(llm, batch_prompts(words, n, rng), args.batch_tokens)
+        rows.append([n, r["decode_tok_s"], r["e2e_tok_s"], r["step_ms"], r["sched_ms"], r["attn_ms"],
+                     r["model_ms"], r["other_ms"], r["decode_steps"]])
+    _table(f"2. batched decode, {args.batch_dtype}, ~32-token prompts, {args.batch_tokens} output tokens each "
+           f"({_load()}); per decode step, ms",
+           ["concurrent", "decode tok/s", "end-to-end tok/s", "step", "scheduler", "attention",
+            "model (rest)", "engine other", "decode steps"], rows)
+
+
+def section_compile(args: argparse.Namespace, text: str) -> None:
+    from alise.hub import resolve_model
+    from alise.tokenizer import Tokenizer
+    words = Tokenizer.from_folder(resolve_model(args.model)).encode(text)
+    rng = random.Random(0)
+    rows = bench_compile_ratio(args.model, args.batch_dtype, args.policy, args.concurrency,
+                               lambda n: batch_prompts(words, n, rng), args.batch_tokens, args.runs)
+    _table(f"4. eager vs compiled decode, {args.batch_dtype}, side by side ({args.runs} alternating runs each, "
+           f"median; {_load()}); tokens/s",
+           ["concurrent", "eager", "compiled", "compiled / eager"], rows)
+
+
+def section_sched(args: argparse.Namespace) -> None:
+    rows = []
+    for queued in [int(x) for x in args.sched_queued.split(",")]:
+        for policy in ("fcfs", "alise"):
+            r = bench_scheduler(policy, queued, args.sched_steps)
+            rows.append([policy, queued, r["median_ms"], r["p90_ms"]])
+    _table(f"3. scheduler alone: schedule() per step, max_num_seqs=64, {args.sched_steps} steps ({_load()})",
+           ["policy", "queued", "median ms", "p90 ms"], rows)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main() -> None:
 
     rows = []
     for kv_dtype in args.dtypes.split(","):
-        llm = LLM("smollm2", dtype=args.dtype, kv_dtype=kv_dtype, scheduler="fcfs")
+        llm = LLM("smollm2", dtype=args.dtype, kv_dtype=kv_dtype, policy="fcfs")
         cfg = llm.engine.model.config
         per_layer = bytes_per_token(kv_dtype, cfg.num_key_value_heads, cfg.head_dim)
         seq_bytes = 1024 * per_layer * cfg.num_hidden_layers

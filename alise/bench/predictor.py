@@ -226,7 +226,7 @@ HEADER = ("| configuration                      |      MAE |    tau |   hit |  r
           "|------------------------------------|----------|--------|-------|----------|-----------|---------|")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="JSON Lines {\"prompt\": str, \"output_len\": int}")
@@ -241,62 +241,78 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid-threshold", default="0.6,0.7,0.8,0.85,0.9,0.95,2.0", help="thresholds for --grid")
     ap.add_argument("--grid-hidden", default="16,32,64,128,256", help="MLP widths for --grid (MLP only)")
     ap.add_argument("--grid-steps", default="50,100,200,400", help="MLP fit steps for --grid (MLP only)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     recs = build_proxy(args.proxy) if args.proxy else read_jsonl(args.data)
     lens = np.array([r["output_len"] for r in recs])
     print(f"{len(recs)} records, {len({r['prompt'] for r in recs})} distinct prompts; output length "
           f"mean {lens.mean():.1f}, median {np.median(lens):.0f}, p90 {np.percentile(lens, 90):.0f}")
-    if args.embed == "minilm":
-        from alise.sched.encoder import MiniLM
-
-        base = MiniLM.load(cache_size=0)
-    elif args.embed == "model":
-        from alise.hub import resolve_model
-        from alise.sched.encoder import TokenEmbeddingMean
-
-        base = TokenEmbeddingMean.from_folder(resolve_model("smollm2"))
-    else:
-        base = hash_embed
+    base = _embedder(args.embed)
     t = time.perf_counter()
     table = TableEmbedder([r["prompt"] for r in recs], base)
     print(f"embedded {len(table.row)} prompts in {time.perf_counter() - t:.1f} s")
-
-    configs: list[tuple[str, dict]] = [("default", {}), ("MLP only (threshold > 1)", {"threshold": 2.0}),
-                                       ("neighbours only (threshold -1)", {"threshold": -1.0})]
-    if args.grid:
-        configs = [("default", {})]
-        for thr in map(float, args.grid_threshold.split(",")):
-            for k in map(int, args.grid_k.split(",")):
-                configs.append((f"k={k} threshold={thr}", {"k": k, "threshold": thr}))
-        for h in map(int, filter(None, args.grid_hidden.split(","))):
-            configs.append((f"MLP only hidden={h}", {"threshold": 2.0, "hidden": h}))
-        for steps in map(int, filter(None, args.grid_steps.split(","))):
-            configs.append((f"MLP only fit_steps={steps}", {"threshold": 2.0, "fit_steps": steps}))
-    splits = ["random", "grouped"] if args.split == "both" else [args.split]
-    for how in splits:
-        print(f"\n### split: {how}, test fraction {args.test_frac}, mean over {args.seeds} seeds\n")
-        print(HEADER)
-        const = []
-        for seed in range(args.seeds):
-            tr, te = split(recs, how, args.test_frac, seed)
-            mean = np.mean([r["output_len"] for r in tr])
-            const.append(np.abs(np.array([r["output_len"] for r in te]) - mean).mean())
-        print(f"| {'constant (history mean)':<34} | {np.mean(const):8.1f} |  0.000 |  0.00 |        - |"
-              "         - |       - |")
-        for name, kw in configs:
-            ms = [evaluate(*split(recs, how, args.test_frac, seed), table, **kw) for seed in range(args.seeds)]
-            avg = {k: float(np.nanmean([m[k] for m in ms])) for k in ms[0]}
-            print(_row(name, avg))
+    configs = _configs(args)
+    for how in ["random", "grouped"] if args.split == "both" else [args.split]:
+        _print_split(recs, how, table, configs, args.test_frac, args.seeds)
     tr, _ = split(recs, "random", args.test_frac, 0)
     prompts = list(dict.fromkeys(r["prompt"] for r in recs))[:200]
-    c = cost_per_prediction(tr, prompts, MiniLM.load(cache_size=0) if args.embed == "minilm" else base)
+    c = cost_per_prediction(tr, prompts, base)
     ntok = ""
     if args.embed == "minilm":
         ntok = f", {np.mean([len(i) for i in base.tokenize(prompts)]):.0f} WordPiece tokens on average"
     print(f"\ncost per prediction of a new prompt (embedding included, {c['n']} distinct prompts{ntok}): "
           f"mean {c['ms_cold']:.2f} ms, median {c['ms_cold_median']:.2f} ms; "
           f"a cached prompt (predict_remaining): {c['ms_cached']:.3f} ms; torch threads for MiniLM: 1")
+
+
+def _embedder(name: str):
+    if name == "minilm":
+        from alise.sched.encoder import MiniLM
+
+        return MiniLM.load()
+    if name == "model":
+        from alise.hub import resolve_model
+        from alise.sched.encoder import TokenEmbeddingMean
+
+        return TokenEmbeddingMean.from_folder(resolve_model("smollm2"))
+    return hash_embed
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(name, LengthPredictor options) to evaluate: the default and its two halves, or the --grid sweep."""
+    if not args.grid:
+        return [("default", {}), ("MLP only (threshold > 1)", {"threshold": 2.0}),
+                ("neighbours only (threshold -1)", {"threshold": -1.0})]
+    configs: list[tuple[str, dict]] = [("default", {})]
+    for thr in map(float, args.grid_threshold.split(",")):
+        for k in map(int, args.grid_k.split(",")):
+            configs.append((f"k={k} threshold={thr}", {"k": k, "threshold": thr}))
+    for h in map(int, filter(None, args.grid_hidden.split(","))):
+        configs.append((f"MLP only hidden={h}", {"threshold": 2.0, "hidden": h}))
+    for steps in map(int, filter(None, args.grid_steps.split(","))):
+        configs.append((f"MLP only fit_steps={steps}", {"threshold": 2.0, "fit_steps": steps}))
+    return configs
+
+
+def _print_split(recs: list[dict], how: str, table: TableEmbedder, configs: list[tuple[str, dict]],
+                 test_frac: float, seeds: int) -> None:
+    """One table: a constant guess, then every configuration, each averaged over ``seeds`` splits."""
+    print(f"\n### split: {how}, test fraction {test_frac}, mean over {seeds} seeds\n")
+    print(HEADER)
+    const = []
+    for seed in range(seeds):
+        tr, te = split(recs, how, test_frac, seed)
+        mean = np.mean([r["output_len"] for r in tr])
+        const.append(np.abs(np.array([r["output_len"] for r in te]) - mean).mean())
+    print(f"| {'constant (history mean)':<34} | {np.mean(const):8.1f} |  0.000 |  0.00 |        - |"
+          "         - |       - |")
+    for name, kw in configs:
+        ms = [evaluate(*split(recs, how, test_frac, seed), table, **kw) for seed in range(seeds)]
+        avg = {k: float(np.nanmean([m[k] for m in ms])) for k in ms[0]}
+        print(_row(name, avg))
 
 
 if __name__ == "__main__":

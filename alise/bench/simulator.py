@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ from alise.sampling import SamplingParams
 from alise.sched.blocks import BlockAllocator, SwapSpace
 from alise.sched.cost import CostModel, nonnegative_lstsq
 from alise.sched.policy import make_policy
-from alise.sched.predictor import clamp_length
 from alise.sched.request import Request
 from alise.sched.scheduler import Scheduler
 from alise.sched.speculation import SampledSpeculation, Speculation   # noqa: F401 (the simulator's predictions)
@@ -328,7 +327,6 @@ class ErrorModel:
     arrival: np.ndarray
     remaining: np.ndarray
     source: str = ""
-    measured: bool = True
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "ErrorModel":
@@ -337,14 +335,14 @@ class ErrorModel:
             return cls.default()
         d = json.loads(path.read_text())
         return cls(np.asarray(d["arrival_log_ratio_quantiles"]), np.asarray(d["remaining_log_ratio_quantiles"]),
-                   source=d.get("source", str(path)), measured=True)
+                   source=d.get("source", str(path)))
 
     @classmethod
     def default(cls) -> "ErrorModel":
         """Not measured: log-ratio ~ Normal(0, 0.8) at arrival, Normal(0, 0.8) for re-estimates (a guess:
         about half of predictions within a factor 1.7 of the truth)."""
         q = np.sqrt(2) * 0.8 * _erfinv(2 * np.linspace(0.005, 0.995, 101) - 1)
-        return cls(q, q.copy(), source="default guess: log-ratio ~ Normal(0, 0.8), not measured", measured=False)
+        return cls(q, q.copy(), source="default guess: log-ratio ~ Normal(0, 0.8), not measured")
 
     def sample(self, which: str, rng: np.random.Generator) -> float:
         q = self.arrival if which == "arrival" else self.remaining
@@ -374,7 +372,7 @@ class CachedEmbed:
         if miss:
             if self._embed is None:
                 from alise.sched.encoder import MiniLM
-                self._embed = MiniLM.load(cache_size=0)
+                self._embed = MiniLM.load()
             for t, e in zip(miss, np.asarray(self._embed(miss), dtype=np.float32)):
                 self.cache[t] = e
         return np.stack([self.cache[t] for t in texts])
@@ -517,97 +515,126 @@ def simulate(trace: list[TraceRequest], policy: str, profile: Profile, *, predic
         raise ValueError("every request needs an arrival time (see workloads.with_arrivals)")
     if policy == "alise" and predictions is None:
         raise ValueError("the alise policy needs predictions (a Speculation or SampledSpeculation)")
-    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
-    cost = profile.cost
-    scheduling = make_policy(policy, cost)
-    if swap is not None:
-        scheduling.swap_preempted = swap
-    speculation = predictions if policy == "alise" else None
-    sched = Scheduler(policy=scheduling,
-                      allocator=BlockAllocator(profile.num_blocks, profile.block_size),
-                      max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
-                      swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token),
-                      speculation=speculation, eos_token_ids=(END,), max_model_len=profile.max_model_len)
-    alloc = sched.allocator
-    n = len(trace)
-    reqs: list[Request | None] = [None] * n
-    index: dict[int, int] = {}
-    first_token, finish = np.full(n, np.nan), np.full(n, np.nan)
-    predicted = np.zeros(n)
-    out_len = np.zeros(n, dtype=np.int64)
-    now, nxt = 0.0, 0
-    steps = preemptions = swapped = recomputed = 0
-    busy = 0.0
-    # lower bound of sum(latency / output): finished requests exactly, arrived ones (now - arrival) / output
-    done_sum, inv_out_sum, arr_over_out_sum = 0.0, 0.0, 0.0
-    bound_sum = stop_above * n
-    saturated = False
-    backlog = 0.0
-    while nxt < n or sched.has_unfinished():
-        while nxt < n and trace[order[nxt]].arrival <= now:
-            i = order[nxt]
-            t = trace[i]
-            r = _make_request(i, t, default_max_tokens, profile)
-            reqs[i], index[id(r)] = r, i
-            sched.add(r)                              # (the speculation predicts its length here)
-            predicted[i] = r.predicted_output_len or (t.output_len if policy == "oracle" else 0)
-            inv_out_sum += 1.0 / t.output_len
-            arr_over_out_sum += t.arrival / t.output_len
-            nxt += 1
-            if nxt == n:                 # the last arrival: how much work is still queued or running
-                left = sum(trace[j].output_len - reqs[j].num_output_tokens for j in range(n)
-                           if np.isnan(finish[j]))
-                backlog = left / sum(x.output_len for x in trace)
-        if not sched.has_unfinished():
-            now = max(now, trace[order[nxt]].arrival)
-            continue
-        if done_sum + now * inv_out_sum - arr_over_out_sum > bound_sum:
-            saturated = True
-            break
-        batch = sched.schedule()
-        if not batch.requests and not batch.swap_out:
-            if nxt < n:              # nothing runnable (should not happen with work queued): wait for arrivals
-                now = max(now, trace[order[nxt]].arrival)
+    return _Simulation(trace, policy, profile, predictions if policy == "alise" else None, swap,
+                       default_max_tokens, stop_above).run()
+
+
+class _Simulation:
+    """One ``simulate`` run's state: the scheduler, the clock, and what each request did (arrays by trace index)."""
+
+    def __init__(self, trace: list[TraceRequest], policy: str, profile: Profile, speculation, swap: bool | None,
+                 default_max_tokens: int, stop_above: float):
+        self.trace, self.policy, self.profile, self.speculation = trace, policy, profile, speculation
+        self.default_max_tokens = default_max_tokens
+        self.order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
+        self.cost = profile.cost
+        scheduling = make_policy(policy, self.cost)
+        if swap is not None:
+            scheduling.swap_preempted = swap
+        self.sched = Scheduler(policy=scheduling,
+                               allocator=BlockAllocator(profile.num_blocks, profile.block_size),
+                               max_num_seqs=profile.max_num_seqs,
+                               max_num_batched_tokens=profile.max_num_batched_tokens,
+                               swap_space=SwapSpace(profile.swap_capacity_bytes, profile.swap_bytes_per_token),
+                               speculation=speculation, eos_token_ids=(END,), max_model_len=profile.max_model_len)
+        self.n = n = len(trace)
+        self.reqs: list[Request | None] = [None] * n
+        self.index: dict[int, int] = {}
+        self.first_token, self.finish = np.full(n, np.nan), np.full(n, np.nan)
+        self.predicted = np.zeros(n)
+        self.out_len = np.zeros(n, dtype=np.int64)
+        self.now, self.nxt = 0.0, 0
+        self.steps = self.preemptions = self.swapped = self.recomputed = 0
+        self.busy = 0.0
+        # lower bound of sum(latency / output): finished requests exactly, arrived ones (now - arrival) / output
+        self.done_sum, self.inv_out_sum, self.arr_over_out_sum = 0.0, 0.0, 0.0
+        self.bound_sum = stop_above * n
+        self.saturated = False
+        self.backlog = 0.0
+
+    def run(self) -> RunResult:
+        trace, sched = self.trace, self.sched
+        while self.nxt < self.n or sched.has_unfinished():
+            self.admit_arrivals()
+            if not sched.has_unfinished():
+                self.now = max(self.now, trace[self.order[self.nxt]].arrival)
                 continue
-            raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with "
-                               f"{len(sched.running) + len(sched.waiting)} requests unfinished")
+            if self.done_sum + self.now * self.inv_out_sum - self.arr_over_out_sum > self.bound_sum:
+                self.saturated = True
+                break
+            batch = sched.schedule()
+            if not batch.requests and not batch.swap_out:
+                if self.nxt < self.n:    # nothing runnable (should not happen with work queued): wait for arrivals
+                    self.now = max(self.now, trace[self.order[self.nxt]].arrival)
+                    continue
+                raise RuntimeError(f"scheduler made no progress at t={self.now:.3f}s with "
+                                   f"{len(sched.running) + len(sched.waiting)} requests unfinished")
+            self.execute(batch)
+        return self.result()
+
+    def admit_arrivals(self) -> None:
+        """Add every request whose arrival time has come (``Scheduler.add`` predicts its length)."""
+        trace, n = self.trace, self.n
+        while self.nxt < n and trace[self.order[self.nxt]].arrival <= self.now:
+            i = self.order[self.nxt]
+            t = trace[i]
+            r = _make_request(i, t, self.default_max_tokens, self.profile)
+            self.reqs[i], self.index[id(r)] = r, i
+            self.sched.add(r)                              # (the speculation predicts its length here)
+            self.predicted[i] = r.predicted_output_len or (t.output_len if self.policy == "oracle" else 0)
+            self.inv_out_sum += 1.0 / t.output_len
+            self.arr_over_out_sum += t.arrival / t.output_len
+            self.nxt += 1
+            if self.nxt == n:                 # the last arrival: how much work is still queued or running
+                left = sum(trace[j].output_len - self.reqs[j].num_output_tokens for j in range(n)
+                           if np.isnan(self.finish[j]))
+                self.backlog = left / sum(x.output_len for x in trace)
+
+    def execute(self, batch) -> None:
+        """The executor: advance the clock by the step's modelled time, sample placeholder tokens, postprocess."""
         context = sum(r.num_computed_tokens for r in batch.requests)
         # the executor copies whole blocks each way
-        swap_tokens = sum(len(blocks) for _, blocks in batch.swap_out) * alloc.block_size
-        swap_tokens += sum(len(blocks) for _, blocks in batch.swap_in) * alloc.block_size
-        dt = cost.step_time(batch.num_prefill_tokens, batch.num_decode_seqs, context) if batch.requests else 0.0
-        dt += profile.swap_time(swap_tokens)
-        steps += 1
-        preemptions += len(batch.preempted)
-        swapped += swap_tokens
-        now += dt
-        busy += dt
+        block_size = self.sched.allocator.block_size
+        swap_tokens = sum(len(blocks) for _, blocks in batch.swap_out) * block_size
+        swap_tokens += sum(len(blocks) for _, blocks in batch.swap_in) * block_size
+        dt = self.cost.step_time(batch.num_prefill_tokens, batch.num_decode_seqs, context) if batch.requests else 0.0
+        dt += self.profile.swap_time(swap_tokens)
+        self.steps += 1
+        self.preemptions += len(batch.preempted)
+        self.swapped += swap_tokens
+        self.now += dt
+        self.busy += dt
         # the "model": every request whose step covers its last pending token samples one; the token ends the
         # request (END) when it is the request's last, as the trace says
         sampled = {}
         for r, k in zip(batch.requests, batch.num_new_tokens):
             if r.num_computed_tokens == 0 and r.num_output_tokens > 0:
-                recomputed += r.num_tokens              # re-prefill of a request whose KV was dropped
+                self.recomputed += r.num_tokens              # re-prefill of a request whose KV was dropped
             if r.num_computed_tokens + k >= r.num_tokens:
                 sampled[id(r)] = END if r.num_output_tokens + 1 >= r.true_output_len else TOKEN
-        for r in sched.postprocess(batch, sampled, now):
-            i = index[id(r)]
-            first_token[i], finish[i], out_len[i] = r.first_token_time, now, r.num_output_tokens
-            done_sum += (now - trace[i].arrival) / trace[i].output_len
-            inv_out_sum -= 1.0 / trace[i].output_len
-            arr_over_out_sum -= trace[i].arrival / trace[i].output_len
-    arrival = np.array([t.arrival for t in trace])
-    unfinished = np.isnan(finish)
-    if unfinished.any():                 # stopped early: what is left counts as finishing now (a lower bound)
-        for i in np.flatnonzero(unfinished):
-            r = reqs[i]
-            finish[i] = max(now, arrival[i])
-            first_token[i] = r.first_token_time if r is not None and r.first_token_time is not None else finish[i]
-            out_len[i] = trace[i].output_len
-    return RunResult(policy, None, arrival, first_token, finish, np.maximum(out_len, 1), predicted, steps,
-                     preemptions, swapped, recomputed, busy,
-                     predictions=type(speculation).__name__ if speculation else "",
-                     saturated=saturated, num_unfinished=int(unfinished.sum()), backlog_fraction=backlog)
+        now, trace = self.now, self.trace
+        for r in self.sched.postprocess(batch, sampled, now):
+            i = self.index[id(r)]
+            self.first_token[i], self.finish[i], self.out_len[i] = r.first_token_time, now, r.num_output_tokens
+            self.done_sum += (now - trace[i].arrival) / trace[i].output_len
+            self.inv_out_sum -= 1.0 / trace[i].output_len
+            self.arr_over_out_sum -= trace[i].arrival / trace[i].output_len
+
+    def result(self) -> RunResult:
+        trace, finish, first_token, out_len, now = self.trace, self.finish, self.first_token, self.out_len, self.now
+        arrival = np.array([t.arrival for t in trace])
+        unfinished = np.isnan(finish)
+        if unfinished.any():             # stopped early: what is left counts as finishing now (a lower bound)
+            for i in np.flatnonzero(unfinished):
+                r = self.reqs[i]
+                finish[i] = max(now, arrival[i])
+                first_token[i] = r.first_token_time if r is not None and r.first_token_time is not None else finish[i]
+                out_len[i] = trace[i].output_len
+        return RunResult(self.policy, None, arrival, first_token, finish, np.maximum(out_len, 1), self.predicted,
+                         self.steps, self.preemptions, self.swapped, self.recomputed, self.busy,
+                         predictions=type(self.speculation).__name__ if self.speculation else "",
+                         saturated=self.saturated, num_unfinished=int(unfinished.sum()),
+                         backlog_fraction=self.backlog)
 
 
 def _make_request(i: int, t: TraceRequest, default_max_tokens: int, profile: Profile) -> Request:

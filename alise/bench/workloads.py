@@ -250,7 +250,7 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
     if out.exists() and out.stat().st_size:
         done = {r.prompt for r in load_trace(out) if r.prompt is not None}
         done_sources = {r.source for r in load_trace(out) if r.source}
-    llm = LLM(model, scheduler="fcfs", max_num_seqs=max_num_seqs)
+    llm = LLM(model, policy="fcfs", max_num_seqs=max_num_seqs)
     tok, engine = llm.tokenizer, llm.engine
     by_text: dict[str, list[str]] = {}
     for source, msgs in real_conversations():
@@ -277,15 +277,10 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
             for rid in [rid for rid in inflight if engine.is_finished(rid)]:
                 text, r = inflight.pop(rid), engine.pop(rid)
                 if text not in done:
-                    for source in by_text[text]:
-                        rec = TraceRequest(len(r.prompt_token_ids), max(1, len(r.token_ids)), text,
-                                           max_tokens=max_tokens, source=source)
-                        records.append(rec)
-                        f.write(json.dumps(_record(rec) | {"finish_reason": r.finish_reason}) + "\n")
+                    records += _write_records(f, r, text, by_text[text], max_tokens)
                     done.add(text)
-                    f.flush()
                 q = second_turn.pop(text, None)
-                if q is not None and limit is None:
+                if q is not None and limit is None:     # its second turn, after the model's own first answer
                     text2 = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]},
                                                      {"role": "assistant", "content": r.text},
                                                      {"role": "user", "content": q["turns"][1]}])
@@ -293,6 +288,18 @@ def make_trace(out: str | Path, max_tokens: int = TRACE_MAX_TOKENS, limit: int |
                     queue.append(text2)
                     bar.total += 1
                 bar.update(1)
+    return records
+
+
+def _write_records(f, r, text: str, sources: list[str], max_tokens: int) -> list[TraceRequest]:
+    """Append a finished request's record, one per source of its prompt, to the open trace ``f`` (flushed)."""
+    records = []
+    for source in sources:
+        rec = TraceRequest(len(r.prompt_token_ids), max(1, len(r.token_ids)), text, max_tokens=max_tokens,
+                           source=source)
+        records.append(rec)
+        f.write(json.dumps(_record(rec) | {"finish_reason": r.finish_reason}) + "\n")
+    f.flush()
     return records
 
 

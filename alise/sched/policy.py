@@ -1,8 +1,10 @@
 """Scheduling policies: a priority key per request, nothing else.
 
-The scheduler ranks every unfinished request by ``policy.rank_key(request, now)`` (smaller runs first), gives
+The scheduler ranks every unfinished request by ``policy.rank_key(request, step)`` (smaller runs first), gives
 the ``max_num_seqs`` best ranked a seat in the batch, and, when the KV pool runs short, takes memory from the
-worst ranked. A policy is therefore just the key:
+worst ranked. A policy is therefore just the key (``rank_key``), plus whether preempted KV may go to host swap
+space (``swap_preempted``) and the cost model it ranks with (``set_cost``: the engine hands it each refit to
+this machine's step times; nothing else changes a policy's costs):
 
 * ``fcfs``: arrival order, vLLM's behaviour. A running request is never displaced by a newcomer (it arrived
   earlier), and under memory pressure the most recently arrived request is preempted.
@@ -50,6 +52,9 @@ class FCFSPolicy:
     def rank_key(self, request: Request, step: int) -> tuple:
         return (request.arrival_time, request.request_id)
 
+    def set_cost(self, cost: CostModel) -> None:
+        """Arrival order needs no cost model (the engine refits one for every policy alike)."""
+
 
 @dataclass
 class SpeculativePolicy:
@@ -64,6 +69,10 @@ class SpeculativePolicy:
     @property
     def name(self) -> str:
         return "oracle" if self.use_true_lengths else "alise"
+
+    def set_cost(self, cost: CostModel) -> None:
+        """Rank with ``cost`` from now on: the engine's refit to this machine's measured step times."""
+        self.cost = cost
 
     def rank_key(self, request: Request, step: int) -> tuple:
         """``step``: the scheduler's step counter (``Request.arrival_step`` is on the same count)."""
@@ -90,9 +99,10 @@ class SpeculativePolicy:
         return (1, remaining, request.arrival_time, request.request_id)
 
 
-def make_policy(name: str, cost: CostModel | None = None):
+def make_policy(name: str, cost: CostModel | None = None) -> FCFSPolicy | SpeculativePolicy:
+    """The policy called ``name``; the speculative ones rank with ``cost`` (until ``set_cost`` replaces it)."""
     if name == "fcfs":
         return FCFSPolicy()
     if name in ("alise", "oracle"):
         return SpeculativePolicy(cost=cost or CostModel(), use_true_lengths=name == "oracle")
-    raise ValueError(f"scheduler must be one of ('fcfs', 'alise', 'oracle'), got {name!r}")
+    raise ValueError(f"policy must be one of ('fcfs', 'alise', 'oracle'), got {name!r}")

@@ -16,46 +16,27 @@ When a request outlives its prediction, ``predict_remaining`` re-estimates: of t
 those that ran *longer* than what the request has produced so far still describe it, so the estimate is their
 similarity-weighted mean length minus ``generated`` (the conditional length given survival).
 
-Our choices where the paper is silent, measured with ``python -m alise.bench.predictor --proxy FILE [--grid]``
-on a proxy until lengths from our served model exist: 1120 (prompt, reference-answer token count) pairs,
-114 distinct prompts, from LMSYS's short conversations and MT-Bench's reference answers; held-out 30%, mean of
-5 splits; "grouped" splits keep every copy of a prompt on one side, so only *similar* prompts can help:
+Our choices where the paper is silent (each measured; the figures are in docs/design.md, "Measured choices"):
 
-- ``k = 5``, ``threshold = 0.5`` (cosine, MiniLM). Lowering the threshold from 0.85 helped steadily: grouped
-  split MAE 25.6 -> 23.3 tokens, Kendall's tau 0.16 -> 0.31; random split MAE 19.0 -> 17.3, tau 0.74 -> 0.75
-  (a constant guess: MAE 53 / 57; the MLP alone: 26.2 / 18.3, tau 0.16 / 0.74). k in 3..10 made no
-  difference beyond noise. Pure nearest neighbours (threshold -1) had a lower MAE on this small, clustered
-  proxy (grouped 21.6, random 16.3) but ordered no better (grouped tau 0.28); we keep the MLP for prompts
-  unlike anything seen (cosine < 0.5), as the paper does. The threshold belongs to the embedder: retune it
-  (``--grid``) when plugging in another one.
-- MLP: d -> 64 (GELU) -> 1 on standardized log length, MSE loss, AdamW (lr 3e-3, weight decay 1e-4),
-  100 steps of minibatches of 256 per refit, warm-started, refit every 32 observations. Widths 16..128 and
-  100..400 steps were equal within noise (grouped MAE 25.2-26.4, tau 0.16-0.17 as the only predictor). A
-  refit runs on one CPU thread, whatever the store size: ~100 ms, up to ~400 ms on a busy 2-core machine. Log length makes the error relative,
-  which is what ordering needs, and keeps long outliers from dominating the fit.
-- Cold start: an empty store predicts ``DEFAULT_OUTPUT_LEN = 140`` tokens, the geometric mean of the mean output
-  lengths of the paper's two datasets (Alpaca ~58, ShareGPT ~338). With 1..MIN_FIT-1 observations and no
-  similar neighbour, the running mean of the observed lengths.
-- ``predict_remaining`` looks at ``4 k`` neighbours (more than ``predict``: many are filtered out for having
-  ended earlier). When no similar one ran longer than ``generated``, the nearest ones that did, however
-  similar, weighted by similarity; this beat both the store-wide mean residual length (41 vs 25 tokens MAE,
-  grouped split, threshold 0.85) and a fixed fraction of ``generated`` (31). If no past request ran that long,
-  ``REMAINING_FRACTION * generated`` (0.5; 1.0 and 2.0 measured worse). The result is never below 1. On the
-  proxy, for requests that outlived their prediction: MAE of the remaining length 26.9 (random) / 32.0
-  (grouped) tokens, against 41.4 / 45.5 for "as much again as it has run".
-- The store keeps the latest ``max_history = 10000`` requests: a search is one [n, d] matrix-vector product
-  over 15 MB, ~2-4 ms at 10000 x 384 on one CPU thread (0.5 ms at 5000).
-
-Cost per prediction of a prompt not seen before, MiniLM int8 on one thread of a busy 2-core Xeon: 5.5-10.6 ms
-median over runs for the proxy's prompts (25 WordPiece tokens on average), ~9 ms for MT-Bench questions (40
-median); a cached prompt costs 0.1-0.3 ms. The encoder dominates: pass ``device="cuda"`` to MiniLM on a GPU machine, or
-a cheaper embedder.
+- ``k = 5`` neighbours, trusted at cosine ``threshold = 0.5``: lowering it from 0.85 ordered held-out prompts
+  much better; the MLP answers prompts unlike anything seen, as in the paper. The threshold belongs to the
+  embedder: retune it (``python -m alise.bench.predictor --grid``) when plugging in another one.
+- MLP: d -> 64 (GELU) -> 1 on standardized log length (the error is relative, which is what ordering needs),
+  AdamW, 100 minibatch steps per refit, warm-started, refit every 32 observations, on one CPU thread.
+- Cold start: an empty store predicts ``DEFAULT_OUTPUT_LEN = 140`` tokens (between the paper's datasets);
+  with fewer than ``MIN_FIT`` observations and no similar neighbour, their running mean.
+- ``predict_remaining`` looks at ``4 k`` neighbours (many are filtered out for having ended earlier); without a
+  similar one that ran longer, the nearest ones that did, however similar; else ``REMAINING_FRACTION *
+  generated``. The result is never below 1.
+- The store keeps the latest ``max_history = 10000`` requests (a search is one matrix-vector product).
 
 The embedder is pluggable: ``LengthPredictor(embed=f)`` with ``f(list[str]) -> np.ndarray [n, d]`` of
-L2-normalized rows. The default is all-MiniLM-L6-v2 (``alise.sched.encoder.MiniLM``), loaded on first use.
-Embeddings of recently seen prompts are kept in an LRU cache keyed by the prompt (text, or the tuple of token
-ids), so ``predict`` at arrival and ``predict_remaining`` later embed the prompt once; ``observe`` at the end
-reuses it too.
+L2-normalized rows. The engine's default (``EngineConfig.embedder="model"``) is the served model's mean token
+embedding (``alise.sched.encoder.TokenEmbeddingMean``); ``"minilm"`` is all-MiniLM-L6-v2
+(``alise.sched.encoder.MiniLM``), the paper's kind of encoder, which a ``LengthPredictor`` built without
+``embed`` loads on first use. The embedder dominates the cost of a prediction. Embeddings of recently seen
+prompts are kept here, in one LRU cache keyed by the prompt (text, or the tuple of token ids), so ``predict``
+at arrival and ``predict_remaining`` later embed the prompt once; ``observe`` at the end reuses it too.
 """
 
 from __future__ import annotations
@@ -64,7 +45,7 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,13 +75,14 @@ class _MLP(nn.Module):
 class LengthPredictor:
     """Predicts a request's output length (tokens) from its prompt; learns online from finished requests.
 
-    ``embed``: ``f(list[str]) -> np.ndarray [n, d]``, L2-normalized rows; None means MiniLM (loaded lazily).
+    ``embed``: ``f(list[str]) -> np.ndarray [n, d]``, L2-normalized rows; None means MiniLM (loaded lazily;
+    the engine passes its own embedder, by default the served model's mean token embedding).
     ``decode``: turns a prompt given as token ids into text for the embedder (``tokenizer.decode``); needed
     only if prompts arrive as ids.
     ``k``, ``threshold``: neighbours consulted and the cosine similarity they need to be trusted.
     ``hidden``, ``refit_every``, ``fit_steps``: MLP width, how often it is refit, minibatch steps per refit.
     ``max_history``: the store keeps the most recent this many observations.
-    ``cache_size``: prompts whose embedding is kept (LRU).
+    ``cache_size``: prompts whose embedding is kept (LRU): the one embedding cache (embedders keep none).
     """
 
     def __init__(self, embed: Embedder | None = None, decode: Callable[[list[int]], str] | None = None, *,
@@ -141,7 +123,7 @@ class LengthPredictor:
         if self._embed_fn is None:
             from alise.sched.encoder import MiniLM
 
-            self._embed_fn = MiniLM.load(cache_size=0)  # this class keeps the cache
+            self._embed_fn = MiniLM.load()
         return self._embed_fn
 
     @staticmethod
