@@ -285,3 +285,34 @@ def test_step_scratch_is_shared_by_layers(lens):
         want = dense_attention(query, *dequantized_pages(cache), **meta)
         assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
     assert scratch   # the plan was kept for the second layer
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_decode_on_codes_bf16_query(kv_dtype):
+    """A bf16 model's decode on quantized pages (codes converted to bf16, dot products rounded to bf16 before the
+    scales) stays within bf16 accuracy of exact attention on the dequantized pages."""
+    lens = [(1, 1), (1, 16), (1, 33), (1, 64)]
+    cache = random_pool(kv_dtype=kv_dtype, num_blocks=10, block_size=16, num_kv_heads=3, head_dim=64, seed=4)
+    query, meta = random_batch(lens=lens, num_blocks=10, block_size=16, num_heads=9, head_dim=64, seed=4)
+    assert query.dtype == torch.bfloat16 and meta["max_query_len"] == 1
+    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    assert out.dtype == torch.bfloat16
+    want = dense_attention(query, *dequantized_pages(cache), **meta)
+    assert torch.allclose(out.double(), want, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_buffer_shared_by_layers(kv_dtype, dtype):
+    """Decode on quantized pages converts codes into one buffer per step (kept in ``scratch``) that every layer
+    overwrites: each layer's output must equal what it gets alone."""
+    lens = [(1, 5), (1, 40), (1, 17)]
+    scratch = {}
+    for layer in range(3):
+        cache = random_pool(kv_dtype=kv_dtype, num_blocks=8, block_size=16, num_kv_heads=2, head_dim=32, seed=layer)
+        query, meta = random_batch(lens=lens, num_blocks=8, block_size=16, num_heads=4, head_dim=32, seed=layer,
+                                   dtype=dtype)
+        shared = kernels.paged_attention(query=query, cache=cache, **meta, scratch=scratch)
+        alone = kernels.paged_attention(query=query, cache=cache, **meta)
+        assert torch.equal(shared, alone)
+    assert any(key.startswith("codes/") for key in scratch)

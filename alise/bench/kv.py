@@ -2,7 +2,9 @@
 
     python -m alise.bench.kv                 # all dtypes, bfloat16 model
     python -m alise.bench.kv --quick         # fewer tokens and requests
+    python -m alise.bench.kv --sections step # decode step time per KV dtype at fixed batch x context
 
+Perplexity, capacity and throughput ("quality" section): 
 Perplexity is measured on a fixed slice of real English text (CPython's ``pydoc_data/topics.py``) scored in
 windows through the engine's own prefill (``prompt_logprobs``), so the K/V each window attends to went through
 the quantized cache. Throughput is aggregate decode tokens/s with ``--concurrency`` requests in flight.
@@ -45,8 +47,68 @@ def decode_throughput(llm: LLM, concurrency: int, output_len: int, repeats: int)
     return statistics.median(rates)
 
 
+def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], model_dtype: str, steps: int,
+                      rounds: int) -> dict[tuple[int, int, str], float]:
+    """Median decode step time (seconds) of each KV dtype with ``batch`` sequences at ``context`` tokens each.
+
+    One engine per dtype, all in this process; each is filled with ``batch`` random prompts of ``context``
+    tokens and stepped until every sequence decodes, then the engines take turns: ``rounds`` x ``steps`` timed
+    steps each, so a slow spell on a shared machine hits every dtype alike.
+    """
+    import torch
+    times = {}
+    for batch, context in batch_contexts:
+        engines = {}
+        for kv_dtype in dtypes:
+            llm = LLM("smollm2", dtype=model_dtype, kv_dtype=kv_dtype, policy="fcfs", max_num_seqs=batch,
+                      kv_cache_memory_gb=4 * batch * (context + rounds * steps + 64) * 30 * 3 * 64 * 4 / 2 ** 30)
+            gen = torch.Generator().manual_seed(context)
+            vocab = llm.engine.model.config.vocab_size
+            params = SamplingParams(max_tokens=rounds * steps + 16, ignore_eos=True)
+            for _ in range(batch):
+                llm.engine.add_request(torch.randint(100, vocab, (context,), generator=gen).tolist(), params)
+            while True:     # until one step decodes every sequence
+                progressed = llm.engine.step()
+                if len(progressed) == batch and all(r.output_token_ids for r in progressed):
+                    break
+            engines[kv_dtype] = llm
+        samples = {kv_dtype: [] for kv_dtype in dtypes}
+        for _ in range(rounds):
+            for kv_dtype, llm in engines.items():
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    llm.engine.step()
+                    samples[kv_dtype].append(time.perf_counter() - start)
+        for kv_dtype, values in samples.items():
+            times[batch, context, kv_dtype] = statistics.median(values)
+        del engines, llm
+    return times
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"16x256,32x1024"`` -> ``[(16, 256), (32, 1024)]`` (sequences x context tokens)."""
+    try:
+        shapes = [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes must look like 16x256,32x1024 (sequences x context tokens), got {text!r}")
+    return shapes
+
+
+def print_step_table(times: dict[tuple[int, int, str], float], dtypes: list[str]) -> None:
+    base = "bf16" if "bf16" in dtypes else dtypes[0]
+    print(f"{'seqs':>5} {'context':>8} " + " ".join(f"{d + ' ms':>9} {'vs ' + base:>8}" for d in dtypes))
+    for batch, context in dict.fromkeys((b, c) for b, c, _ in times):
+        cells = [f"{1e3 * times[batch, context, d]:>9.1f} {times[batch, context, d] / times[batch, context, base]:>8.2f}"
+                 for d in dtypes]
+        print(f"{batch:>5} {context:>8} " + " ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="quality", help="comma-separated: quality (perplexity, capacity, "
+                        "throughput), step (decode step time per KV dtype); default: %(default)s")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="KV dtypes to compare (default: %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model dtype")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text scored for perplexity")
@@ -54,14 +116,42 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight for throughput")
     parser.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--budget-gb", type=float, default=1.0, help="KV budget for the capacity column")
+    parser.add_argument("--shapes", default="16x256,16x1024,32x256,32x1024",
+                        help="step section: sequences x context tokens (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="step section: timed steps per turn")
+    parser.add_argument("--rounds", type=int, default=3, help="step section: turns per engine")
     parser.add_argument("--quick", action="store_true", help="1024 tokens, 8 requests, 1 repeat")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    dtypes = args.dtypes.split(",")
+    for name, allowed, given in (("--sections", ("quality", "step"), sections), ("--dtypes", DTYPES, dtypes)):
+        if not given or any(g not in allowed for g in given):
+            parser.error(f"{name} takes a comma-separated list of {', '.join(allowed)}; got {','.join(given)!r}")
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as error:
+        parser.error(str(error))
+    from alise.bench.__main__ import cpu_kind
+    if "quality" in sections:
+        quality(args, dtypes, cpu_kind())
+    if "step" in sections:
+        times = decode_step_times(shapes, dtypes, args.dtype, args.steps, args.rounds)
+        print(f"\ndecode step time, model smollm2 ({args.dtype}, CPU {cpu_kind()}, {torch_threads()} threads), median of "
+              f"{args.rounds} x {args.steps} steps per engine, engines taking turns")
+        print_step_table(times, dtypes)
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def quality(args: argparse.Namespace, dtypes: list[str], cpu: str) -> None:
     if args.quick:
         args.tokens, args.concurrency = 1024, 8
     repeats = 1 if args.quick else 3
-
     rows = []
-    for kv_dtype in args.dtypes.split(","):
+    for kv_dtype in dtypes:
         llm = LLM("smollm2", dtype=args.dtype, kv_dtype=kv_dtype, policy="fcfs")
         cfg = llm.engine.model.config
         per_layer = bytes_per_token(kv_dtype, cfg.num_key_value_heads, cfg.head_dim)
@@ -71,8 +161,7 @@ def main() -> None:
         rows.append((kv_dtype, per_layer, int(args.budget_gb * (1 << 30) // seq_bytes), ppl, tps))
         del llm
     base = {name: (b, p, t) for name, b, _, p, t in rows}.get("bf16", (rows[0][1], rows[0][3], rows[0][4]))
-    from alise.bench.__main__ import cpu_kind
-    print(f"\nmodel smollm2 ({args.dtype}, CPU {cpu_kind()}), {args.tokens} tokens of pydoc topics in windows of "
+    print(f"\nmodel smollm2 ({args.dtype}, CPU {cpu}), {args.tokens} tokens of pydoc topics in windows of "
           f"{args.window}, "
           f"{args.concurrency} concurrent requests x {args.output_len} tokens")
     print(f"{'kv':>5} {'B/token/layer':>14} {'x bf16':>7} {'1k-seqs/' + str(args.budget_gb) + 'GiB':>14} "

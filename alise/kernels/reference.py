@@ -13,7 +13,7 @@ Quantization formats (the Triton kernels in ``quant.py`` / ``attention.py`` impl
   The cache therefore holds *rotated* K and V. Attention is invariant when the query is rotated the same way
   (``(qR) . (kR) = q . k`` for orthonormal ``R``), and the output comes back with one more multiply by ``R``
   (``R`` is its own inverse). See ``quant.py`` for the measurements behind this choice. (The engine also
-  stores int4 keys minus a per-layer mean key and balances key and query channels, ``ModelRunner.calibrate_keys``:
+  stores int4 keys minus a per-layer mean key and balances key and query channels, ``kernels/calibration.py``:
   exact for attention, smaller error.)
 
 Rounding is ``floor(y + 0.5)`` (to nearest) everywhere, never truncation, and the same in the kernels, so the
@@ -35,6 +35,7 @@ SCALE_MIN = 2.0 ** -14          # fp16's smallest normal: a floor that keeps x /
 SCALE_MAX = 65504.0             # fp16's largest finite value
 INT8_MAX = 127                  # symmetric int8 codes in [-127, 127]
 INT4_MAX = 15                   # unsigned int4 codes in [0, 15]
+CODE_CENTER = 8                 # int4 decode works on centred codes u - 8 (``_int4_codes``)
 INT4_KEY_GROUP = 32             # rotated key channels per int4 (scale, offset) pair; values use one pair per head
 OFFSET_MARGIN = 2.0 ** -10      # the int4 offset is lowered by this relative margin before rounding to fp16,
                                 # so the stored offset is <= the row minimum and every code stays >= 0
@@ -193,14 +194,7 @@ def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torc
 
     int4 K/V come back in the rotated basis (see the module docstring).
     """
-    block_size = cache.k.shape[1]
-    num_blocks_needed = -(-max_seq_len // block_size)
-    table = block_tables[:, :num_blocks_needed].reshape(-1)     # (B * nb,)
-    batch = block_tables.shape[0]
-
-    def gather(x):                                              # (NB, bs, Hkv, *) -> (B, L, Hkv, *)
-        pages = x.index_select(0, table)                        # (B * nb, bs, Hkv, *)
-        return pages.view(batch, num_blocks_needed * block_size, *x.shape[2:])[:, :max_seq_len]
+    gather = functools.partial(gather_pages, block_tables=block_tables, max_len=max_seq_len)
     if cache.k_scale is None:
         return gather(cache.k), gather(cache.v)
     return (dequantize(gather(cache.k), gather(cache.k_scale), cache.kv_dtype),
@@ -275,18 +269,120 @@ def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, 
     Reads every block of each row of ``block_tables`` and hides the keys at and past ``seq_lens[b]``, so the
     shapes depend only on the table's width and nothing branches on tensor values: ``torch.compile`` traces it
     whole (``ModelRunner``'s compiled decode step), and padding columns of the table are harmless.
+
+    Float pages go through one SDPA. Quantized pages are never dequantized: attention runs on the codes, with
+    the scales applied to the scores and the probabilities, as the Triton kernel does (``_attention_on_codes``).
     """
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.k.shape[2]
-    rotated = cache.kv_dtype == "int4"
     max_len = block_tables.shape[1] * cache.k.shape[1]
-    k, v = gather_kv(cache, block_tables, max_len)              # (B, L, Hkv, D)
     visible = _per_step(scratch, "decode_mask", lambda: torch.arange(max_len, device=query.device)[None]
                         < seq_lens[:, None])                     # (B, L)
-    q = rotate(query).to(query.dtype) if rotated else query
-    out = F.scaled_dot_product_attention(
-        q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim),   # the query heads of each kv head
-        k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=visible[:, None, None, :], scale=sm_scale)     # (B, Hkv, G, D)
-    out = out.reshape(batch, num_heads, head_dim)
-    return rotate(out).to(query.dtype) if rotated else out
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)   # the query heads of each kv head
+    if cache.k_scale is None:
+        k, v = (gather_pages(x, block_tables, max_len).transpose(1, 2) for x in (cache.k, cache.v))  # (B, Hkv, L, D)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None, None, :],
+                                             scale=sm_scale)   # (B, Hkv, G, D)
+    else:
+        out = _attention_on_codes(q, cache, block_tables, visible, sm_scale, scratch)
+    return out.reshape(batch, num_heads, head_dim).to(query.dtype)
+
+
+def gather_pages(x: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Each sequence's entries of a paged tensor ``(NB, bs, Hkv, E)`` in order: ``(B, max_len, Hkv, E)``."""
+    batch, block_size = block_tables.shape[0], x.shape[1]
+    width = -(-max_len // block_size)                            # the table columns that hold max_len entries
+    pages = x.index_select(0, block_tables[:, :width].reshape(-1))  # (B * width, bs, Hkv, E)
+    return pages.view(batch, width * block_size, *x.shape[2:])[:, :max_len]
+
+
+def _codes(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes ``(B, L, Hkv, D)`` -> the same values in ``dtype``, one row of every kv head per token
+    ``(B, L, Hkv * D)``, into ``out`` when given (a buffer every layer of a step reuses)."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out.view(x.shape)
+    return out.copy_(x).flatten(2)
+
+
+def _int4_codes(packed: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed int4 ``(B, L, Hkv, D/2)`` -> *centred* codes ``u - 8`` in -8..7, ``(B, L, Hkv * D)`` of ``dtype``,
+    each head's channels in *nibble order*: its low nibbles (even channels) first, then its high ones (odd
+    channels). Unpacking into that order takes two strided copies; interleaving back into channel order would be
+    a third pass. Centred, the dot products carry no large common term for the offsets to cancel afterwards,
+    which in bf16 would lose most of their 8 significant bits.
+    """
+    batch, length, heads, half = packed.shape
+    out = torch.empty(batch, length, heads, 2, half, dtype=dtype, device=packed.device) if out is None else \
+        out.view(batch, length, heads, 2, half)
+    # u - 8 as a byte wraps to u + 248, which is u - 8 read as a signed byte
+    out[..., 0, :] = (packed & 0xF).sub_(CODE_CENTER).view(torch.int8)
+    out[..., 1, :] = (packed >> 4).sub_(CODE_CENTER).view(torch.int8)
+    return out.flatten(2)
+
+
+def nibble_order(x: torch.Tensor) -> torch.Tensor:
+    """Reorder channels ``(..., D)`` into ``_int4_codes``'s order: evens, then odds."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def channel_order(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``nibble_order``."""
+    return x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _block_diagonal(q: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, R, D)`` rows per kv head -> ``(B, Hkv * R, Hkv * D)``: row (h, r) holds ``q[:, h, r]`` in
+    kv head h's columns and zeros elsewhere, so one matmul against whole token rows ``(L, Hkv * D)`` gives
+    every head's dot products with no transposed copy of the context (Hkv times the flops, on tiny rows)."""
+    batch, heads, rows, head_dim = q.shape
+    eye = torch.eye(heads, dtype=q.dtype, device=q.device)
+    return (q[:, :, :, None, :] * eye[:, None, :, None]).reshape(batch, heads * rows, heads * head_dim)
+
+
+def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visible: torch.Tensor,
+                        sm_scale: float, scratch: dict | None = None) -> torch.Tensor:
+    """Decode attention of ``q`` ``(B, Hkv, G, D)`` over int8 / int4 pages; returns float32 ``(B, Hkv, G, D)``.
+
+    Pages are never dequantized element by element. The codes are converted to the query's dtype (exact: int8
+    and int4 codes are small integers, bf16 holds them) and the scales act on the small ``(query, key)``
+    tensors instead: with key n's scale ``s_n`` (int4: and offset ``o_n``) per group of channels,
+    ``q . k_n = sum_groups s_n,g (q_g . u_n,g) + o_n,g sum(q_g)``, and with value n's scale ``t_n`` (offset
+    ``w_n``), ``sum_n p_n v_n = (p * t) @ u + sum_n p_n w_n``. The dot products are one matmul per step of
+    each side against whole token rows (``_block_diagonal``), so the context is read in the layout the pages
+    gather into, with no transposed copy. A bf16 model's dot products come out of the matmul in bf16 (8
+    significant bits) before the scales, softmax and sums, which run in float32. int4 pages hold
+    Hadamard-rotated vectors: ``q`` is rotated in and the output rotated back.
+    """
+    batch, heads, group, head_dim = q.shape
+    max_len = visible.shape[1]
+    dtype = q.dtype         # the codes are exact in bf16 too; matmuls in the model's dtype read half the bytes
+    k_params, v_params = (gather_pages(x, block_tables, max_len).float().permute(0, 2, 3, 1)
+                          for x in (cache.k_scale, cache.v_scale))                 # (B, Hkv, entries, L)
+    k_codes, v_codes = (gather_pages(x, block_tables, max_len) for x in (cache.k, cache.v))
+    shape = (batch, max_len, heads * head_dim)
+    buffer = _per_step(scratch, f"codes/{shape}/{dtype}", lambda: torch.empty(shape, dtype=dtype, device=q.device))
+    if cache.kv_dtype == "int8":
+        scores = _block_diagonal(q) @ _codes(k_codes, dtype, buffer).transpose(1, 2)  # (B, Hkv * G, L)
+        scores = scores.view(batch, heads, group, max_len).float() * k_params      # (B, Hkv, G, L)
+    else:
+        groups = k_params.shape[2] // 2
+        q = nibble_order(rotate(q).to(dtype))                                      # (B, Hkv, G, D)
+        # every group's partial dot products in the same matmul: query row (g, n) keeps group n's channels
+        in_group = nibble_order(torch.eye(groups, dtype=dtype, device=q.device).repeat_interleave(
+            head_dim // groups, dim=1))                                            # (groups, D) 0/1
+        q_by_group = q[..., None, :] * in_group                                    # (B, Hkv, G, groups, D)
+        partial = _block_diagonal(q_by_group.flatten(2, 3)) @ _int4_codes(k_codes, dtype, buffer).transpose(1, 2)
+        partial = partial.float().view(batch, heads, group, groups, max_len)       # (B, Hkv, G, groups, L)
+        scale, offset = k_params[:, :, 0::2], k_params[:, :, 1::2]                 # (B, Hkv, groups, L)
+        offset = offset + CODE_CENTER * scale                                      # for centred codes
+        scores = (partial * scale[:, :, None]).sum(3) + q_by_group.float().sum(-1) @ offset  # (B, Hkv, G, L)
+    scores = scores.mul_(sm_scale).masked_fill_(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                                          # (B, Hkv, G, L) float32
+    weights = (probs * v_params[:, :, :1]).to(dtype).view(batch, heads * group, max_len)
+    values = _codes(v_codes, dtype, buffer) if cache.kv_dtype == "int8" else _int4_codes(v_codes, dtype, buffer)
+    out = (weights @ values).view(batch, heads, group, heads, head_dim)            # every head's rows x columns
+    out = out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).float()                 # (B, Hkv, G, D): own heads
+    if cache.kv_dtype == "int8":
+        return out
+    offset = v_params[:, :, 1:] + CODE_CENTER * v_params[:, :, :1]                 # for centred codes
+    out = out + (probs * offset).sum(-1, keepdim=True)                             # nibble order; + the offsets
+    return rotate(channel_order(out))
