@@ -48,7 +48,7 @@ def decode_throughput(llm: LLM, concurrency: int, output_len: int, repeats: int)
 
 
 def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], model_dtype: str, steps: int,
-                      rounds: int) -> dict[tuple[int, int, str], float]:
+                      rounds: int, compile: bool = False) -> dict[tuple[int, int, str], float]:
     """Median decode step time (seconds) of each KV dtype with ``batch`` sequences at ``context`` tokens each.
 
     One engine per dtype, all in this process; each is filled with ``batch`` random prompts of ``context``
@@ -61,15 +61,16 @@ def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], 
         engines = {}
         for kv_dtype in dtypes:
             llm = LLM("smollm2", dtype=model_dtype, kv_dtype=kv_dtype, policy="fcfs", max_num_seqs=batch,
+                      compile=compile,
                       kv_cache_memory_gb=4 * batch * (context + rounds * steps + 64) * 30 * 3 * 64 * 4 / 2 ** 30)
             gen = torch.Generator().manual_seed(context)
             vocab = llm.engine.model.config.vocab_size
-            params = SamplingParams(max_tokens=rounds * steps + 16, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=rounds * steps + 16, ignore_eos=True)
             for _ in range(batch):
                 llm.engine.add_request(torch.randint(100, vocab, (context,), generator=gen).tolist(), params)
-            while True:     # until one step decodes every sequence
+            while True:     # until one step decodes every sequence (and, compiled, once more: the compile)
                 progressed = llm.engine.step()
-                if len(progressed) == batch and all(r.output_token_ids for r in progressed):
+                if len(progressed) == batch and all(len(r.output_token_ids) > 1 for r in progressed):
                     break
             engines[kv_dtype] = llm
         samples = {kv_dtype: [] for kv_dtype in dtypes}
@@ -120,6 +121,8 @@ def main() -> None:
                         help="step section: sequences x context tokens (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="step section: timed steps per turn")
     parser.add_argument("--rounds", type=int, default=3, help="step section: turns per engine")
+    parser.add_argument("--compile", action="store_true", help="step section: compiled decode steps "
+                        "(torch.compile, about a minute per engine)")
     parser.add_argument("--quick", action="store_true", help="1024 tokens, 8 requests, 1 repeat")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -135,8 +138,9 @@ def main() -> None:
     if "quality" in sections:
         quality(args, dtypes, cpu_kind())
     if "step" in sections:
-        times = decode_step_times(shapes, dtypes, args.dtype, args.steps, args.rounds)
-        print(f"\ndecode step time, model smollm2 ({args.dtype}, CPU {cpu_kind()}, {torch_threads()} threads), median of "
+        times = decode_step_times(shapes, dtypes, args.dtype, args.steps, args.rounds, args.compile)
+        print(f"\n{'compiled' if args.compile else 'eager'} decode step time, model smollm2 ({args.dtype}, "
+              f"CPU {cpu_kind()}, {torch_threads()} threads), median of "
               f"{args.rounds} x {args.steps} steps per engine, engines taking turns")
         print_step_table(times, dtypes)
 

@@ -181,12 +181,21 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
         return (None, slot_mapping.long()) if bool(keep.all()) else (keep, slot_mapping[keep].long())
     keep, slots = (None, slot_mapping.long()) if all_slots_valid else _per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
-    for src, data, scale in ((key, cache.k, cache.k_scale), (value, cache.v, cache.v_scale)):
-        q, s = quantize(src if keep is None else src[keep], cache.kv_dtype,
-                        groups=scale_groups(scale, cache.kv_dtype))
-        data.view(num_slots, *data.shape[2:])[slots] = q
+    if keep is not None:
+        key, value = key[keep], value[keep]
+    num_kv_heads = key.shape[1]
+    if cache.kv_dtype == "int4":    # one rotation for both; keys and values group their channels differently
+        rotated = rotate(torch.cat([key, value], dim=1))                          # (T, 2 Hkv, D)
+        stored = [quantize_int4(x, groups=scale_groups(scale, "int4"), rotated=True) for x, scale in
+                  ((rotated[:, :num_kv_heads], cache.k_scale), (rotated[:, num_kv_heads:], cache.v_scale))]
+    else:           # one quantizer call for both (a decode step's few rows cost in op count, not in bytes)
+        data, scales = quantize(torch.cat([key.to(value.dtype), value], dim=1), cache.kv_dtype)  # (T, 2 Hkv, ...)
+        stored = [(data[:, :num_kv_heads], None if scales is None else scales[:, :num_kv_heads]),
+                  (data[:, num_kv_heads:], None if scales is None else scales[:, num_kv_heads:])]
+    for (codes, params), pages, scale in zip(stored, (cache.k, cache.v), (cache.k_scale, cache.v_scale)):
+        pages.view(num_slots, *pages.shape[2:])[slots] = codes
         if scale is not None:
-            scale.view(num_slots, *scale.shape[2:])[slots] = s
+            scale.view(num_slots, *scale.shape[2:])[slots] = params
 
 
 def gather_kv(cache, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,8 +343,19 @@ def _block_diagonal(q: torch.Tensor) -> torch.Tensor:
     kv head h's columns and zeros elsewhere, so one matmul against whole token rows ``(L, Hkv * D)`` gives
     every head's dot products with no transposed copy of the context (Hkv times the flops, on tiny rows)."""
     batch, heads, rows, head_dim = q.shape
-    eye = torch.eye(heads, dtype=q.dtype, device=q.device)
+    eye = _eye(heads, q.dtype, str(q.device))
     return (q[:, :, :, None, :] * eye[:, None, :, None]).reshape(batch, heads * rows, heads * head_dim)
+
+
+@functools.lru_cache(maxsize=16)
+def _eye(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_mask(groups: int, head_dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``(groups, D)`` 0/1 in nibble order: row n marks the channels of int4 key group n."""
+    return nibble_order(torch.eye(groups, dtype=dtype, device=device).repeat_interleave(head_dim // groups, dim=1))
 
 
 def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visible: torch.Tensor,
@@ -367,15 +387,14 @@ def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visi
         groups = k_params.shape[2] // 2
         q = nibble_order(rotate(q).to(dtype))                                      # (B, Hkv, G, D)
         # every group's partial dot products in the same matmul: query row (g, n) keeps group n's channels
-        in_group = nibble_order(torch.eye(groups, dtype=dtype, device=q.device).repeat_interleave(
-            head_dim // groups, dim=1))                                            # (groups, D) 0/1
-        q_by_group = q[..., None, :] * in_group                                    # (B, Hkv, G, groups, D)
+        q_by_group = q[..., None, :] * _group_mask(groups, head_dim, dtype, str(q.device))  # (B, Hkv, G, groups, D)
         partial = _block_diagonal(q_by_group.flatten(2, 3)) @ _int4_codes(k_codes, dtype, buffer).transpose(1, 2)
         partial = partial.float().view(batch, heads, group, groups, max_len)       # (B, Hkv, G, groups, L)
         scale, offset = k_params[:, :, 0::2], k_params[:, :, 1::2]                 # (B, Hkv, groups, L)
         offset = offset + CODE_CENTER * scale                                      # for centred codes
         scores = (partial * scale[:, :, None]).sum(3) + q_by_group.float().sum(-1) @ offset  # (B, Hkv, G, L)
-    scores = scores.mul_(sm_scale).masked_fill_(~visible[:, None, None, :], float("-inf"))
+    hidden = _per_step(scratch, "decode_hidden", lambda: ~visible[:, None, None, :])     # (B, 1, 1, L)
+    scores = scores.mul_(sm_scale).masked_fill_(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)                                          # (B, Hkv, G, L) float32
     weights = (probs * v_params[:, :, :1]).to(dtype).view(batch, heads * group, max_len)
     values = _codes(v_codes, dtype, buffer) if cache.kv_dtype == "int8" else _int4_codes(v_codes, dtype, buffer)
