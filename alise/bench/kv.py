@@ -52,7 +52,8 @@ def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], 
     """Median decode step time (seconds) of each KV dtype with ``batch`` sequences at ``context`` tokens each.
 
     One engine per dtype, all in this process; each is filled with ``batch`` random prompts of ``context``
-    tokens and stepped until every sequence decodes, then the engines take turns: ``rounds`` x ``steps`` timed
+    tokens and stepped until every sequence decodes (contexts then run up to a few dozen tokens past
+    ``context``: the first sequences decode while the last ones prefill), then the engines take turns: ``rounds`` x ``steps`` timed
     steps each, so a slow spell on a shared machine hits every dtype alike.
     """
     import torch
@@ -65,11 +66,17 @@ def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], 
                       kv_cache_memory_gb=4 * batch * (context + rounds * steps + 64) * 30 * 3 * 64 * 4 / 2 ** 30)
             gen = torch.Generator().manual_seed(context)
             vocab = llm.engine.model.config.vocab_size
-            params = SamplingParams(temperature=0, max_tokens=rounds * steps + 16, ignore_eos=True)
+            # chunked prefill staggers the sequences: the first ones decode while the last ones prefill, so
+            # none may finish before all of them decode together (and the timed steps are done)
+            prefill_steps = -(-batch * context // llm.engine.config.max_num_batched_tokens)
+            params = SamplingParams(temperature=0, max_tokens=2 * prefill_steps + rounds * steps + 16,
+                                    ignore_eos=True)
             for _ in range(batch):
                 llm.engine.add_request(torch.randint(100, vocab, (context,), generator=gen).tolist(), params)
             while True:     # until one step decodes every sequence (and, compiled, once more: the compile)
                 progressed = llm.engine.step()
+                if not progressed:
+                    raise RuntimeError("the engine went idle before every sequence decoded")
                 if len(progressed) == batch and all(len(r.output_token_ids) > 1 for r in progressed):
                     break
             engines[kv_dtype] = llm
