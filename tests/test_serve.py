@@ -301,3 +301,33 @@ def test_http_bench_against_the_server(served, tmp_path):
         assert all(q["output_tokens"] == q["max_tokens"] for q in r["requests"] if q["status"] == "ok")
     assert json.loads(out.read_text())["results"][0]["rate"] == float("inf")
     wait_idle(server)
+
+
+def test_bench_serve_url_gives_the_serve_report(served, tmp_path):
+    """``python -m alise.bench serve --url``: the in-process benchmark's report (rows named by the server's
+    policy, the rates asked for, normalized latency, the overload measure) measured over HTTP, JSON and plot."""
+    from alise.bench.__main__ import main as bench_main
+    url, server = served
+    out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
+    bench_main(["serve", "--url", url, "--workload", "alpaca", "--num-requests", "6", "--rates", "100,200",
+                "--max-tokens", "6", "--json", str(out), "--plot", str(plot)])
+    report = json.loads(out.read_text())
+    assert report["transport"] == "http" and report["rates"] == [100.0, 200.0]
+    for r in report["results"]:
+        assert r["policy"] == "fcfs" and r["failed"] == 0 and r["num_requests"] == 6
+        assert r["normalized_latency"] > 0 and 0.0 <= r["backlog_fraction"] <= 1.0
+        # normalized latency is latency over output tokens: it cannot exceed the mean latency
+        assert r["normalized_latency"] <= r["mean_latency"] + 1e-9
+    assert plot.stat().st_size > 0
+    wait_idle(server)
+
+
+def test_backlog_fraction_from_client_timings():
+    """Tokens arrive evenly between a request's first and last chunk: at the last send time, a request that has
+    not started counts whole, one half done counts half, a finished one not at all."""
+    from alise.bench.http import backlog_fraction
+    recs = [dict(status="ok", send_at=0.0, sent=0.0, output_tokens=10, first_chunk_at=1.0, last_chunk_at=2.0),
+            dict(status="ok", send_at=4.0, sent=0.0, output_tokens=10, first_chunk_at=5.0, last_chunk_at=7.0),
+            dict(status="ok", send_at=3.0, sent=0.0, output_tokens=20, first_chunk_at=3.0, last_chunk_at=5.0)]
+    # last send at 4.0: first done (0 left), second not started (10 left), third half way (10 left)
+    assert backlog_fraction(recs) == pytest.approx(20 / 40)

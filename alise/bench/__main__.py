@@ -531,6 +531,8 @@ def cmd_serve(args) -> dict:
           f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
           f"mean input {np.mean([t.prompt_len for t in trace]):.0f} / output "
           f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
+    if args.url:
+        return _serve_over_http(args, trace, rates)
     engines, results, samples = _serve_measure(args, entries, trace, rates)
     # calibration: the simulator with a cost model fitted to the engine's own measured steps (one fitted profile
     # per KV page format), same trace
@@ -557,6 +559,40 @@ def cmd_serve(args) -> dict:
               "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
               "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
               "title": f"serve: {args.workload} on {args.model} (CPU, measured), {len(trace)} requests",
+              "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
+    _write(report, args)
+    return report
+
+
+def _serve_over_http(args, trace: list[W.TraceRequest], rates: list[float]) -> dict:
+    """``serve --url``: the same trace, rates, tables, JSON and plot, sent to a running server as streaming
+    HTTP clients (``alise.bench.http``). The server's policy names the rows. With no engine here to fit a cost
+    model to, the bounds are multiples of the lowest rate's normalized latency (``--bounds`` sets them)."""
+    import asyncio
+
+    from alise.bench import http
+    results = []
+    for rate in rates:
+        r = asyncio.run(http.run_rate(args.url, trace, rate, max(t.output_len for t in trace), args.seed))
+        if not r.get("completed"):
+            raise SystemExit(f"serve --url: no request completed at {rate:g} req/s: {r.get('errors')}")
+        results.append({"policy": r.get("server_policy") or "server", "rate": rate,
+                        "normalized_latency": r["normalized_latency"], "mean_latency": r["latency_mean"],
+                        "p50_latency": r["latency_p50"], "p99_latency": r["latency_p99"], "ttft": r["ttft_mean"],
+                        "tokens_per_s": r["output_tokens_per_s"], "requests_per_s": r["requests_per_s"],
+                        "num_requests": r["num_requests"], "failed": r["failed"],
+                        "backlog_fraction": r["backlog_fraction"], "tpot": r["tpot_mean"], "transport": "http"})
+    print_results(results)
+    policy = results[0]["policy"]
+    lowest = min(results, key=lambda m: m["rate"])["normalized_latency"]
+    bounds = _floats(args.bounds, "bounds") or [f * lowest for f in DEFAULT_BOUND_FACTORS]
+    max_rate, notes, ratio, vs_ref = summarize(results, bounds, [policy], baseline=policy, reference=policy)
+    print_summary(bounds, lowest, max_rate, notes, ratio, vs_ref, baseline=policy, reference=policy,
+                  title=f"over HTTP ({args.url}; bounds from the lowest rate's normalized latency)")
+    report = {"kind": "serve", "transport": "http", "url": args.url, "workload": args.workload,
+              "num_requests": len(trace), "seed": args.seed, "unloaded_normalized_latency": lowest,
+              "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
+              "title": f"serve over HTTP: {args.workload} at {args.url}, {len(trace)} requests",
               "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
     _write(report, args)
     return report
@@ -905,6 +941,8 @@ def _add_serve_parser(sub) -> None:
                    "(policy + KV pages; the engine's fcfs recomputes and alise swaps)")
     v.add_argument("--max-tokens", type=int, default=64, help="cap the trace's output lengths (CPU is slow)")
     v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
+    v.add_argument("--url", help="measure a running OpenAI-compatible server (python -m alise.serve) over HTTP "
+                   "instead of engines in this process: streaming clients, Poisson arrivals; engine options ignored")
     v.set_defaults(func=cmd_serve, num_requests=24, workload="mtbench")
 
 

@@ -42,8 +42,8 @@ async def _one(client, url: str, model: str | None, t: W.TraceRequest, max_token
     if model:
         body["model"] = model
     start = time.perf_counter()
-    rec = {"sent": start - send_at, "ttft": None, "latency": None, "output_tokens": 0, "status": "ok",
-           "max_tokens": max_tokens, "chunks": 0}
+    rec = {"sent": start - send_at, "send_at": send_at, "ttft": None, "latency": None, "output_tokens": 0,
+           "status": "ok", "max_tokens": max_tokens, "chunks": 0}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -61,8 +61,10 @@ async def _one(client, url: str, model: str | None, t: W.TraceRequest, max_token
                     rec["output_tokens"] = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     rec["chunks"] += 1
+                    rec["last_chunk_at"] = time.perf_counter()
                     if rec["ttft"] is None:
                         rec["ttft"] = time.perf_counter() - start
+                        rec["first_chunk_at"] = rec["last_chunk_at"]
                     if hang_up_after is not None and rec["chunks"] >= hang_up_after:
                         rec["status"] = "disconnected"
                         return rec           # leaving the block closes the connection
@@ -132,6 +134,7 @@ def summarize(recs: list[dict], rate: float, span: float, before: dict | None = 
                 "normalized_latency": float(np.mean(lat / np.maximum(toks, 1))),
                 "latency_mean": float(lat.mean()), "latency_p50": float(np.percentile(lat, 50)),
                 "latency_p99": float(np.percentile(lat, 99)), "send_delay_max": max(r["sent"] for r in recs)}
+        out["backlog_fraction"] = backlog_fraction(recs)
         if slo_ttft is not None or slo_tpot is not None:
             good = [r for r in ok if (slo_ttft is None or r["ttft"] <= slo_ttft) and
                     (slo_tpot is None or r["output_tokens"] <= 1 or
@@ -144,6 +147,25 @@ def summarize(recs: list[dict], rate: float, span: float, before: dict | None = 
         out["server_policy"] = after.get("scheduler_policy")
     out["requests"] = recs
     return out
+
+
+def backlog_fraction(recs: list[dict]) -> float:
+    """Share of the completed requests' output tokens still to come when the last request was sent (the
+    in-process ``serve``'s overload measure), from the client's view: a request's tokens arrive evenly between
+    its first and last text chunk."""
+    done = [r for r in recs if r["status"] == "ok" and r.get("first_chunk_at") is not None]
+    if not done:
+        return 0.0
+    last_sent = max(r["send_at"] + r["sent"] for r in recs)
+    total = left = 0.0
+    for r in done:
+        tokens, first, last = r["output_tokens"], r["first_chunk_at"], r["last_chunk_at"]
+        total += tokens
+        if last_sent < first:
+            left += tokens
+        elif last_sent < last:
+            left += tokens * (last - last_sent) / (last - first)
+    return left / total if total else 0.0
 
 
 COLUMNS = [("rate", "rate", "{:g}"), ("done", "completed", "{}"), ("fail", "failed", "{}"),
