@@ -379,7 +379,10 @@ def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visi
                           for x in (cache.k_scale, cache.v_scale))                 # (B, Hkv, entries, L)
     k_codes, v_codes = (gather_pages(x, block_tables, max_len) for x in (cache.k, cache.v))
     shape = (batch, max_len, heads * head_dim)
-    buffer = _per_step(scratch, f"codes/{shape}/{dtype}", lambda: torch.empty(shape, dtype=dtype, device=q.device))
+    # eager: one buffer per step, reused by every layer; a compiled graph plans its own memory (and a key built
+    # from the shapes would make it guard on them)
+    buffer = None if torch.compiler.is_compiling() else _per_step(
+        scratch, f"codes/{shape}/{dtype}", lambda: torch.empty(shape, dtype=dtype, device=q.device))
     if cache.kv_dtype == "int8":
         scores = _block_diagonal(q) @ _codes(k_codes, dtype, buffer).transpose(1, 2)  # (B, Hkv * G, L)
         scores = scores.view(batch, heads, group, max_len).float() * k_params      # (B, Hkv, G, L)
