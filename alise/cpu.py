@@ -75,9 +75,10 @@ class PackedLinear(nn.Module):
 
 def row_bucket(rows: int) -> int:
     """The row count a packed GEMM runs at: ``rows`` rounded up to a power of two up to ``ROW_BUCKET``, then to a
-    multiple of it. oneDNN keeps state for every GEMM shape it runs (a primitive and its buffers): with the row
-    count free to take every value a serving engine's steps produce, resident memory grew by ~110 MB per round
-    of a 200-client soak; a few dozen buckets bound it, for at most ``ROW_BUCKET - 1`` padding rows."""
+    multiple of it. oneDNN keeps state for every GEMM shape it runs (a primitive and its buffers); a serving
+    engine's steps produce every row count, and a few dozen buckets bound that state, for at most
+    ``ROW_BUCKET - 1`` padding rows (the engine alone then levels off under varied load: README, "Serve over
+    HTTP")."""
     if rows <= ROW_BUCKET:
         return 1 << max(rows - 1, 0).bit_length()
     return -(-rows // ROW_BUCKET) * ROW_BUCKET

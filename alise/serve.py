@@ -170,9 +170,9 @@ class EngineLoop:
             while not self.stopped:
                 self.wake.clear()
                 self._drain_inbox()
-                if busy and not engine.has_unfinished() and GLIBC is not None:
+                was_busy, busy = busy, engine.has_unfinished()
+                if was_busy and not busy and GLIBC is not None:
                     GLIBC.malloc_trim(0)     # idle after work: give the heap's free pages back (see GLIBC)
-                busy = engine.has_unfinished()
                 if busy:
                     with engine.lock:
                         try:

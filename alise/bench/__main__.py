@@ -520,8 +520,6 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
 
 
 def cmd_serve(args) -> dict:
-    entries, baseline, reference = _serve_entries(args)
-    policies = list(entries)
     trace = load_workload(args.workload, args.num_requests, args.seed)
     # the work is fixed (output_len, capped); max_tokens is the cap, which is all a predictor may know
     cap = args.max_tokens or max(t.max_tokens or t.output_len for t in trace)
@@ -533,6 +531,8 @@ def cmd_serve(args) -> dict:
           f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
     if args.url:
         return _serve_over_http(args, trace, rates)
+    entries, baseline, reference = _serve_entries(args)
+    policies = list(entries)
     engines, results, samples = _serve_measure(args, entries, trace, rates)
     # calibration: the simulator with a cost model fitted to the engine's own measured steps (one fitted profile
     # per KV page format), same trace

@@ -16,6 +16,8 @@ import math
 import statistics
 import time
 
+import torch
+
 from alise import LLM, SamplingParams
 from alise.kernels import bytes_per_token
 
@@ -53,24 +55,24 @@ def decode_step_times(batch_contexts: list[tuple[int, int]], dtypes: list[str], 
 
     One engine per dtype, all in this process; each is filled with ``batch`` random prompts of ``context``
     tokens and stepped until every sequence decodes (contexts then run up to a few dozen tokens past
-    ``context``: the first sequences decode while the last ones prefill), then the engines take turns: ``rounds`` x ``steps`` timed
-    steps each, so a slow spell on a shared machine hits every dtype alike.
+    ``context``: the first sequences decode while the last ones prefill), then the engines take turns:
+    ``rounds`` x ``steps`` timed steps each, so a slow spell on a shared machine hits every dtype alike.
     """
-    import torch
+    from alise.config import EngineConfig
     times = {}
     for batch, context in batch_contexts:
+        # chunked prefill staggers the sequences: the first ones decode while the last ones prefill, so none may
+        # finish before all of them decode together (and the timed steps are done)
+        prefill_steps = -(-batch * context // EngineConfig.max_num_batched_tokens)
+        params = SamplingParams(temperature=0, max_tokens=2 * prefill_steps + rounds * steps + 16, ignore_eos=True)
+        # a pool every sequence fits in at its longest: decode steps, never preemptions, are timed
+        blocks = batch * -(-(context + params.max_tokens) // EngineConfig.block_size)
         engines = {}
         for kv_dtype in dtypes:
             llm = LLM("smollm2", dtype=model_dtype, kv_dtype=kv_dtype, policy="fcfs", max_num_seqs=batch,
-                      compile=compile,
-                      kv_cache_memory_gb=4 * batch * (context + rounds * steps + 64) * 30 * 3 * 64 * 4 / 2 ** 30)
+                      compile=compile, kv_cache_blocks=blocks)
             gen = torch.Generator().manual_seed(context)
             vocab = llm.engine.model.config.vocab_size
-            # chunked prefill staggers the sequences: the first ones decode while the last ones prefill, so
-            # none may finish before all of them decode together (and the timed steps are done)
-            prefill_steps = -(-batch * context // llm.engine.config.max_num_batched_tokens)
-            params = SamplingParams(temperature=0, max_tokens=2 * prefill_steps + rounds * steps + 16,
-                                    ignore_eos=True)
             for _ in range(batch):
                 llm.engine.add_request(torch.randint(100, vocab, (context,), generator=gen).tolist(), params)
             while True:     # until one step decodes every sequence (and, compiled, once more: the compile)
@@ -147,14 +149,9 @@ def main() -> None:
     if "step" in sections:
         times = decode_step_times(shapes, dtypes, args.dtype, args.steps, args.rounds, args.compile)
         print(f"\n{'compiled' if args.compile else 'eager'} decode step time, model smollm2 ({args.dtype}, "
-              f"CPU {cpu_kind()}, {torch_threads()} threads), median of "
+              f"CPU {cpu_kind()}, {torch.get_num_threads()} threads), median of "
               f"{args.rounds} x {args.steps} steps per engine, engines taking turns")
         print_step_table(times, dtypes)
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def quality(args: argparse.Namespace, dtypes: list[str], cpu: str) -> None:

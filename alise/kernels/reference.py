@@ -185,13 +185,13 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
         key, value = key[keep], value[keep]
     num_kv_heads = key.shape[1]
     if cache.kv_dtype == "int4":    # one rotation for both; keys and values group their channels differently
-        rotated = rotate(torch.cat([key, value], dim=1))                          # (T, 2 Hkv, D)
-        stored = [quantize_int4(x, groups=scale_groups(scale, "int4"), rotated=True) for x, scale in
-                  ((rotated[:, :num_kv_heads], cache.k_scale), (rotated[:, num_kv_heads:], cache.v_scale))]
+        rotated = rotate(torch.cat([key, value], dim=1)).split(num_kv_heads, dim=1)   # K, V: (T, Hkv, D)
+        stored = [quantize_int4(x, groups=scale_groups(scale, "int4"), rotated=True)
+                  for x, scale in zip(rotated, (cache.k_scale, cache.v_scale))]
     else:           # one quantizer call for both (a decode step's few rows cost in op count, not in bytes)
         data, scales = quantize(torch.cat([key.to(value.dtype), value], dim=1), cache.kv_dtype)  # (T, 2 Hkv, ...)
-        stored = [(data[:, :num_kv_heads], None if scales is None else scales[:, :num_kv_heads]),
-                  (data[:, num_kv_heads:], None if scales is None else scales[:, num_kv_heads:])]
+        stored = zip(data.split(num_kv_heads, dim=1),
+                     (None, None) if scales is None else scales.split(num_kv_heads, dim=1))
     for (codes, params), pages, scale in zip(stored, (cache.k, cache.v), (cache.k_scale, cache.v_scale)):
         pages.view(num_slots, *pages.shape[2:])[slots] = codes
         if scale is not None:
