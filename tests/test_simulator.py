@@ -358,3 +358,24 @@ def test_the_simulator_and_the_engine_make_the_same_schedule(tiny_model_dir, pol
     assert any(pre for _, pre, _, _ in log["engine"]), "the small pool should force preemptions"
     if policy == "oracle":
         assert any(out for _, _, out, _ in log["engine"]), "and swaps"
+
+
+def test_grouped_split_keeps_groups_whole():
+    # 10 groups of sizes 1..4 (25 records): every group lands on one side, the history is the largest whole-group
+    # prefix of the shuffled order at or below the share, and without groups the split is the plain one
+    sizes = [1, 2, 3, 4, 1, 2, 3, 4, 2, 3]
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    records = [(f"p{i}", i) for i in range(len(groups))]
+    for seed in range(5):
+        hist, test = S.grouped_split(records, groups, 0.5, seed)
+        assert sorted(hist + test) == sorted(records)
+        side = {groups[i]: "h" for _, i in hist}
+        assert all(side.get(groups[i]) is None for _, i in test)         # no group on both sides
+        assert len(hist) <= 12.5
+        # the next group in the shuffled order would have taken the history past the share
+        first_test_group = groups[test[0][1]]
+        assert len(hist) + sizes[first_test_group] > 12.5
+    hist, test = S.grouped_split(records, None, 0.5, 0)
+    assert len(hist) == 12 and len(test) == 13
+    with pytest.raises(ValueError, match="groups"):
+        S.grouped_split(records, groups[:-1], 0.5, 0)

@@ -856,16 +856,19 @@ def cmd_split_trace(args) -> None:
 def cmd_predictor_errors(args) -> dict:
     if args.trace:
         path = Path(args.trace)
-        recs = [(t.prompt, t.output_len) for t in W.load_trace(path) if t.prompt]
-        source = f"{path.name}: our model's output lengths"
+        trace = [t for t in W.load_trace(path) if t.prompt]
+        recs = [(t.prompt, t.output_len) for t in trace]
+        groups = W.conversation_groups([{"prompt": t.prompt, "source": t.source} for t in trace])
+        source = f"{path.name}: our model's output lengths, split by conversation"
     else:
         from alise.bench.predictor import build_proxy
         tmp = Path(args.proxy_out)
-        recs = [(r["prompt"], r["output_len"]) for r in build_proxy(tmp)]
+        recs, groups = [(r["prompt"], r["output_len"]) for r in build_proxy(tmp)], None
         source = ("proxy set: LMSYS dummy conversations + MT-Bench reference answers (reference answers' token "
                   "counts), see alise/bench/predictor.py")
     m = S.measure_errors(recs, max_tokens=args.max_tokens, history_frac=args.history_frac, seed=args.seed,
-                         source=source, dedup=not args.keep_duplicates)
+                         embed=_embedder(args.embed), source=f"{source}, {args.embed} embedder",
+                         dedup=not args.keep_duplicates, groups=groups)
     m["source"] = (f"{source}; {'' if args.keep_duplicates else 'one record per distinct prompt, '}"
                    f"{m['num_history']} warm the store, {m['num_test']} arrive online (seed {args.seed})")
     Path(args.out).write_text(json.dumps(m, indent=1) + "\n")
@@ -988,6 +991,8 @@ def _add_trace_parsers(sub) -> None:
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--history-frac", type=float, default=0.5)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--embed", default="model", choices=["model", "minilm"],
+                   help="the predictor's prompt embedder (default: the engine's)")
     e.add_argument("--keep-duplicates", action="store_true",
                    help="keep repeated prompts (retrieval then finds exact repeats; optimistic for unique-prompt sets)")
     e.set_defaults(func=cmd_predictor_errors)

@@ -388,8 +388,25 @@ def make_real_predictor(train: str | Path | None = None, seed: int = 0, embed=No
     return p
 
 
+def grouped_split(records: list, groups: list[int] | None, history_frac: float, seed: int) -> tuple[list, list]:
+    """Shuffle ``records`` by whole groups (one id per record; None: each record its own group) and split them
+    at the last group boundary at or below ``history_frac`` of the records: (history, test)."""
+    groups = list(range(len(records))) if groups is None else list(groups)
+    if len(groups) != len(records):
+        raise ValueError(f"groups: one id per record, got {len(groups)} for {len(records)} records")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = [members[g] for g in np.random.default_rng(seed).permutation(list(members))]
+    recs = [records[i] for group in order for i in group]
+    cut = np.cumsum([0] + [len(group) for group in order])
+    k = int(cut[np.searchsorted(cut, len(recs) * history_frac, side="right") - 1])
+    return recs[:k], recs[k:]
+
+
 def measure_errors(records: list[tuple[str, int]], max_tokens: int | None = None, history_frac: float = 0.5,
-                   seed: int = 0, embed=None, source: str = "", dedup: bool = True) -> dict:
+                   seed: int = 0, embed=None, source: str = "", dedup: bool = True,
+                   groups: list[int] | None = None) -> dict:
     """The real predictor's error on real text, as the simulator's ``ErrorModel`` stores it.
 
     The records (prompt, true output length) are shuffled; the first ``history_frac`` warm the store, then the
@@ -399,14 +416,16 @@ def measure_errors(records: list[tuple[str, int]], max_tokens: int | None = None
     ``dedup``: keep one record per distinct prompt first, so no test prompt was seen before (the real-text
     sets repeat prompts verbatim, e.g. the LMSYS demo conversations, and exact repeats make retrieval nearly
     perfect; ShareGPT and Alpaca prompts are mostly unique, which this models).
+    ``groups``: a group id per record (``workloads.conversation_groups``); whole groups are shuffled and fall on
+    one side of the split, so no test prompt repeats or extends a history one (a conversation's later turns
+    quote its earlier ones).
     """
     from alise.bench.predictor import kendall_tau
-    if dedup:
-        records = list({q: (q, n) for q, n in reversed(records)}.values())[::-1]   # first record of each prompt
-    rng = np.random.default_rng(seed)
-    recs = [records[i] for i in rng.permutation(len(records))]
-    k = int(len(recs) * history_frac)
-    hist, test = recs[:k], recs[k:]
+    if dedup:       # the first record of each prompt
+        keep = sorted({q: i for i, (q, _) in reversed(list(enumerate(records)))}.values())
+        records = [records[i] for i in keep]
+        groups = None if groups is None else [groups[i] for i in keep]
+    hist, test = grouped_split(records, groups, history_frac, seed)
     if len(test) < 10:
         raise ValueError(f"need at least 10 test records after the history split, got {len(test)}")
     p = make_real_predictor(seed=seed, embed=embed)
