@@ -104,3 +104,19 @@ def test_serve_systems_reach_the_engine(tiny_model_dir, tmp_path):
     assert runs["vllm"]["swapped_tokens"] == 0 and runs["vllm"]["num_preemptions"] > 0
     # alise's evictions go to host swap space (it has room), never to recompute
     assert runs["alise"]["recomputed_tokens"] == 0 and engines["alise"]["policy"] == "alise"
+
+
+def test_systems_take_the_fitted_profile_of_their_kv_dtype(tmp_path):
+    files = []
+    for kv_dtype, blocks in (("bf16", 50), ("int8", 97)):
+        profile = S.roofline_profile("a100-7b", kv_dtype=kv_dtype, max_num_seqs=8)
+        profile.num_blocks, profile.name = blocks, f"fitted-{kv_dtype}"
+        profile.save(tmp_path / f"{kv_dtype}.json")
+        files.append(str(tmp_path / f"{kv_dtype}.json"))
+    both = ",".join(files)
+    assert S.system_profile(S.SYSTEMS["vllm"], both).name == "fitted-bf16"
+    assert S.system_profile(S.SYSTEMS["alise"], both).num_blocks == 97
+    with pytest.raises(ValueError, match="int4 KV pages.*fitted with bf16, int8"):
+        S.system_profile(S.SYSTEMS["alise-int4"], both)
+    with pytest.raises(ValueError, match="missing.json"):
+        S.system_profile(S.SYSTEMS["vllm"], f"{files[0]},{tmp_path / 'missing.json'}")

@@ -909,7 +909,8 @@ def _add_sim_parser(sub) -> None:
     s = sub.add_parser("sim", help="discrete-event simulation on a GPU profile (or a fitted one)")
     _common_args(s)
     s.add_argument("--profile", help=f"<accelerator>-<model> roofline model (default {S.DEFAULT_PROFILE}; "
-                   f"accelerators {sorted(S.ACCELERATORS)}, models {sorted(S.MODELS)}) or a profile JSON")
+                   f"accelerators {sorted(S.ACCELERATORS)}, models {sorted(S.MODELS)}) or a profile JSON; with --systems, "
+                   "fitted profiles one per KV dtype, comma-separated (serve --save-profile writes them)")
     s.add_argument("--max-num-seqs", type=int, default=None, help="seats in a batch (default 256, vLLM's; a "
                    "profile file keeps its own unless given)")
     s.add_argument("--swap-gb", type=float, default=16.0, help="host swap space for preempted KV (GiB)")

@@ -303,15 +303,21 @@ ABLATION = ["vllm", "vllm+spec", "vllm+int8", "alise", "alise-int4", "oracle-int
 
 
 def system_profile(system: System, base: str | None = None, **kw) -> Profile:
-    """``base``'s roofline profile with ``system``'s KV pages; a fitted profile file must have been measured
-    with the system's KV dtype (a fitted profile per dtype)."""
+    """``base``'s roofline profile with ``system``'s KV pages, or, when ``base`` names profile files
+    (comma-separated, e.g. ``serve --save-profile``'s one per KV dtype), the one fitted with the system's KV
+    dtype."""
     spec = base or DEFAULT_PROFILE
-    if Path(spec).is_file():
-        profile = Profile.load(spec)
-        if profile.kv_dtype != system.kv_dtype:
-            raise ValueError(f"system {system.name!r} has {system.kv_dtype} KV pages but profile {spec} was fitted "
-                             f"with {profile.kv_dtype} pages: fit one profile per KV dtype")
-        return profile
+    files = [f for f in spec.split(",") if f]
+    if len(files) > 1 or any(Path(f).suffix == ".json" or Path(f).is_file() for f in files):
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ValueError(f"profile file {missing[0]!r} does not exist")
+        profiles = [Profile.load(f) for f in files]
+        for f, profile in zip(files, profiles):
+            if profile.kv_dtype == system.kv_dtype:
+                return profile
+        raise ValueError(f"system {system.name!r} has {system.kv_dtype} KV pages but the profiles {spec} were "
+                         f"fitted with {', '.join(p.kv_dtype for p in profiles)} pages: fit one profile per KV dtype")
     return roofline_profile(spec, kv_dtype=system.kv_dtype, swap_kv_dtype=system.swap_kv_dtype, **kw)
 
 
