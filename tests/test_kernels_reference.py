@@ -316,3 +316,28 @@ def test_decode_buffer_shared_by_layers(kv_dtype, dtype):
         alone = kernels.paged_attention(query=query, cache=cache, **meta)
         assert torch.equal(shared, alone)
     assert any(key.startswith("codes/") for key in scratch)
+
+
+def test_prefill_sdpa_runs_at_bucketed_lengths(monkeypatch):
+    """Prefill SDPA sees query and key lengths rounded up to SDPA_LENGTH_STEP (the CPU flash kernel keeps a
+    compiled kernel per shape for good), and the result is still exact attention, also where the padded keys
+    reach past the block table (read from block 0, masked)."""
+    seen = []
+    sdpa = reference.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention", recording)
+    step, group, past_the_table = reference.SDPA_LENGTH_STEP, 2, 0
+    for seed, lens in enumerate([[(5, 5)], [(7, 20), (3, 30)], [(17, 70), (1, 9)], [(40, 40), (2, 66)]]):
+        cache = random_pool(kv_dtype="fp32", num_blocks=12, block_size=16, num_kv_heads=2, head_dim=32, seed=seed)
+        query, meta = random_batch(lens=lens, num_blocks=12, block_size=16, num_heads=2 * group, head_dim=32,
+                                   seed=seed, dtype=torch.float32)
+        past_the_table += meta["block_tables"].shape[1] * 16 < -(-meta["max_seq_len"] // step) * step
+        out = kernels.paged_attention(query=query, cache=cache, **meta)
+        want = dense_attention(query, *dequantized_pages(cache), **meta)
+        assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
+    assert past_the_table >= 2
+    # four batches with seven different query and key lengths: two SDPA shapes
+    assert set(seen) == {(group * step, step), (group * step, 2 * step)}

@@ -37,6 +37,7 @@ INT8_MAX = 127                  # symmetric int8 codes in [-127, 127]
 INT4_MAX = 15                   # unsigned int4 codes in [0, 15]
 CODE_CENTER = 8                 # int4 decode works on centred codes u - 8 (``_int4_codes``)
 INT4_KEY_GROUP = 32             # rotated key channels per int4 (scale, offset) pair; values use one pair per head
+SDPA_LENGTH_STEP = 64           # prefill SDPA runs at query and key lengths padded to multiples of this
 OFFSET_MARGIN = 2.0 ** -10      # the int4 offset is lowered by this relative margin before rounding to fp16,
                                 # so the stored offset is <= the row minimum and every code stays >= 0
 
@@ -253,6 +254,13 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     num_kv_heads = cache.k.shape[2]
     group = num_heads // num_kv_heads
     rotated = cache.kv_dtype == "int4"
+    # the padded grid's lengths go up to a multiple of SDPA_LENGTH_STEP: the CPU flash-attention kernel compiles a
+    # micro-kernel per distinct tile shape and keeps it for the life of the process, so exact lengths made memory
+    # grow with every new prompt length (README, "Memory under load"); the extra rows and keys are masked
+    max_query_len, max_seq_len = (-(-n // SDPA_LENGTH_STEP) * SDPA_LENGTH_STEP for n in (max_query_len, max_seq_len))
+    width = -(-max_seq_len // cache.k.shape[1])                  # table columns the padded keys read
+    if width > block_tables.shape[1]:                            # read block 0 there: any valid page, masked
+        block_tables = F.pad(block_tables, (0, width - block_tables.shape[1]))
     plan = _per_step(scratch, f"padding_plan/{group}", lambda: padding_plan(
         seq_lens=seq_lens, query_start_loc=query_start_loc, num_tokens=num_tokens, group=group,
         max_query_len=max_query_len, max_seq_len=max_seq_len))
