@@ -313,7 +313,7 @@ def system_profile(system: System, base: str | None = None, **kw) -> Profile:
         if missing:
             raise ValueError(f"profile file {missing[0]!r} does not exist")
         profiles = [Profile.load(f) for f in files]
-        for f, profile in zip(files, profiles):
+        for profile in profiles:
             if profile.kv_dtype == system.kv_dtype:
                 return profile
         raise ValueError(f"system {system.name!r} has {system.kv_dtype} KV pages but the profiles {spec} were "

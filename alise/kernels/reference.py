@@ -259,8 +259,10 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     # grow with every new prompt length (README, "Memory under load"); the extra rows and keys are masked
     max_query_len, max_seq_len = (-(-n // SDPA_LENGTH_STEP) * SDPA_LENGTH_STEP for n in (max_query_len, max_seq_len))
     width = -(-max_seq_len // cache.k.shape[1])                  # table columns the padded keys read
-    if width > block_tables.shape[1]:                            # read block 0 there: any valid page, masked
-        block_tables = F.pad(block_tables, (0, width - block_tables.shape[1]))
+    extra = width - block_tables.shape[1]
+    if extra > 0:                                                # read block 0 there: any valid page, masked
+        tables = block_tables                                    # padded once per step, not once per layer
+        block_tables = _per_step(scratch, "padded_tables", lambda: F.pad(tables, (0, extra)))
     plan = _per_step(scratch, f"padding_plan/{group}", lambda: padding_plan(
         seq_lens=seq_lens, query_start_loc=query_start_loc, num_tokens=num_tokens, group=group,
         max_query_len=max_query_len, max_seq_len=max_seq_len))
