@@ -194,7 +194,7 @@ def test_reference_attention_matches_dense_loop(case):
     query, meta = random_batch(lens=case["lens"], num_blocks=need + 2, block_size=case["block_size"],
                                num_heads=case["num_kv_heads"] * case["group"], head_dim=case["head_dim"],
                                seed=case["seed"], dtype=torch.float32, repeat_blocks=case["repeat"])
-    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    out = reference.paged_attention(query=query, cache=cache, **meta)   # the torch ops (decode: not the C kernel)
     want = dense_attention(query, *dequantized_pages(cache), **meta)
     assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
 
@@ -295,7 +295,7 @@ def test_decode_on_codes_bf16_query(kv_dtype):
     cache = random_pool(kv_dtype=kv_dtype, num_blocks=10, block_size=16, num_kv_heads=3, head_dim=64, seed=4)
     query, meta = random_batch(lens=lens, num_blocks=10, block_size=16, num_heads=9, head_dim=64, seed=4)
     assert query.dtype == torch.bfloat16 and meta["max_query_len"] == 1
-    out = kernels.paged_attention(query=query, cache=cache, **meta)
+    out = reference.paged_attention(query=query, cache=cache, **meta)     # the torch ops, not the C kernel
     assert out.dtype == torch.bfloat16
     want = dense_attention(query, *dequantized_pages(cache), **meta)
     assert torch.allclose(out.double(), want, atol=3e-2, rtol=2e-2)
@@ -312,8 +312,8 @@ def test_decode_buffer_shared_by_layers(kv_dtype, dtype):
         cache = random_pool(kv_dtype=kv_dtype, num_blocks=8, block_size=16, num_kv_heads=2, head_dim=32, seed=layer)
         query, meta = random_batch(lens=lens, num_blocks=8, block_size=16, num_heads=4, head_dim=32, seed=layer,
                                    dtype=dtype)
-        shared = kernels.paged_attention(query=query, cache=cache, **meta, scratch=scratch)
-        alone = kernels.paged_attention(query=query, cache=cache, **meta)
+        shared = reference.paged_attention(query=query, cache=cache, **meta, scratch=scratch)
+        alone = reference.paged_attention(query=query, cache=cache, **meta)
         assert torch.equal(shared, alone)
     assert any(key.startswith("codes/") for key in scratch)
 

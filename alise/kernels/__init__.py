@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from alise.kernels import reference
+from alise.kernels import native, reference
 
 if TYPE_CHECKING:
     from alise.kernels.calibration import KeyCalibration
 
 KV_DTYPES = ("bf16", "fp32", "int8", "int4")
 BACKENDS = ("torch", "triton")
+DECODE_ARGS = ("query", "cache", "block_tables", "seq_lens", "sm_scale")    # what native.decode_attention takes
 SCALE_DTYPE = reference.SCALE_DTYPE
 
 
@@ -129,7 +130,8 @@ def _check_backend(backend: str) -> None:
 
 class TorchBackend:
     """``reference.py``: the CPU backend and the oracle. It keeps what it derives from a step's metadata in the
-    step's ``scratch``; Triton's ``split_kv`` and tile sizes mean nothing to it."""
+    step's ``scratch``; Triton's ``split_kv`` and tile sizes mean nothing to it. Decode steps on int8 / int4 pages
+    run ``native.py``'s C kernel where it builds (the same arithmetic in one pass, not ~20 tensor ops)."""
 
     name = "torch"
     write_kv = staticmethod(reference.write_kv)
@@ -137,6 +139,10 @@ class TorchBackend:
     @staticmethod
     def paged_attention(args: dict, *, scratch: dict | None, split_kv: bool | None,
                         options: dict) -> torch.Tensor:
+        if args["max_query_len"] == 1 and args["cache"].k_scale is not None:    # decode on int8 / int4 pages
+            out = native.decode_attention(**{k: args[k] for k in DECODE_ARGS})
+            if out is not None:
+                return out
         return reference.paged_attention(**args, scratch=scratch)
 
 

@@ -1,0 +1,216 @@
+/* Decode attention over int8 / int4 KV pages on the CPU: one query row per sequence, the codes never expanded.
+
+   The torch backend's decode step on quantized pages (reference.py, ``_attention_on_codes``) is ~20 tensor ops
+   per layer, each a pass over the whole context; this is the same arithmetic in one pass per side, with the
+   scales applied on the fly. ``native.py`` compiles it with the system's C compiler on first use (-O3
+   -march=native -fopenmp) and calls it through ctypes; torch's own OpenMP runtime (libgomp.so.1, already
+   loaded) runs the threads.
+
+   Work split: one task per (sequence b, kv head h), spread over the threads. A task reads its sequence's pages
+   through the block table, token by token:
+     1. scores: for each of the G query heads of kv head h,
+          int8:  s_n = sm_scale * k_scale_n * sum_d q_d k_nd
+          int4:  s_n = sm_scale * sum_groups (k_scale_ng * sum_{d in g} q_d u_nd + k_offset_ng * sum_{d in g} q_d)
+        into ``scores`` (a caller's workspace, G x max_len floats per task);
+     2. softmax over the n < seq_len visible tokens (max, exp, sum);
+     3. values: out_d = sum_n p_n (v_scale_n v_nd) [+ sum_n p_n v_offset_n for int4], divided by the sum.
+   Everything is float32. int4 pages hold Hadamard-rotated vectors: the caller rotates q in and the output back.
+
+   Memory layout (kernels/__init__.py): pages [num_blocks, block_size, Hkv, D] int8, or [.., D / 2] uint8 for
+   int4 (byte j: channel 2j in the low nibble, 2j + 1 in the high one); scales fp16 [num_blocks, block_size,
+   Hkv, entries]: int8 one scale; int4 keys (scale, offset) per group of 32 channels, values one pair. q and out
+   are float32 [B, Hkv, G, D], contiguous. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16        /* query heads per kv head */
+#define MAX_KEY_GROUPS 8    /* int4 (scale, offset) pairs per key */
+/* int4 loops run over bytes, which would make the vectorizer pick 64 lanes (more than head_dim / 2 = 32 bytes,
+   so the whole loop would fall to its scalar remainder): ask for float-wide vectors instead */
+#define SIMD_FLOATS 16
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __FLT16_MAX__      /* the compiler has _Float16 (gcc >= 12, clang on x86-64 / arm64): one instruction */
+    _Float16 f;
+    memcpy(&f, &h, sizeof f);
+    return (float)f;
+#else                     /* IEEE fp16 -> float32 by bits (normals, subnormals, inf, nan) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {                                   /* subnormal: normalize */
+        exponent = 113;
+        while (!(mantissa & 0x400)) { mantissa <<= 1; exponent--; }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+/* exp(x) for x <= 0, vectorizable (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2,
+   exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there), times 2^n built in the exponent
+   bits. Below -87 the result would be subnormal: it flushes to 0, which a softmax weight can be. */
+static inline float exp_nonpositive(float x) {
+    const float log2e = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-6f;
+    x = x < -87.f ? -87.f : x;
+    const float n = floorf(x * log2e + 0.5f), r = x - n * ln2_hi - n * ln2_lo;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return x <= -87.f ? 0.f : p * two_n;
+}
+
+/* softmax of G rows of ``len`` scores in place (each row ``stride`` floats apart) */
+static void softmax_rows(float *scores, int group, int len, int stride) {
+    for (int g = 0; g < group; g++) {
+        float *row = scores + (int64_t)g * stride, max = -INFINITY, sum = 0.f;
+        #pragma omp simd reduction(max:max)
+        for (int n = 0; n < len; n++) max = row[n] > max ? row[n] : max;
+        #pragma omp simd reduction(+:sum)
+        for (int n = 0; n < len; n++) { row[n] = exp_nonpositive(row[n] - max); sum += row[n]; }
+        const float inv = 1.f / sum;
+        #pragma omp simd
+        for (int n = 0; n < len; n++) row[n] *= inv;
+    }
+}
+
+int decode_attention_int8(const float *q, const int8_t *k_pages, const int8_t *v_pages,
+                          const uint16_t *k_scales, const uint16_t *v_scales,
+                          const int32_t *block_tables, const int32_t *seq_lens, float *out, float *scores,
+                          int batch, int num_kv_heads, int group, int head_dim, int block_size, int table_width,
+                          float sm_scale) {
+    if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
+    const int max_len = table_width * block_size;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;         /* page bytes per token */
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < num_kv_heads; h++) {
+            const int len = seq_lens[b];
+            const float *qh = q + ((int64_t)b * num_kv_heads + h) * group * head_dim;     /* (G, D) */
+            float *sc = scores + ((int64_t)b * num_kv_heads + h) * group * max_len;       /* (G, max_len) */
+            float *o = out + ((int64_t)b * num_kv_heads + h) * group * head_dim;          /* (G, D) */
+            for (int n = 0; n < len; n++) {
+                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
+                                     + n % block_size;
+                const int8_t *k = k_pages + slot * token_stride + (int64_t)h * head_dim;
+                const float scale = half_to_float(k_scales[slot * num_kv_heads + h]) * sm_scale;
+                for (int g = 0; g < group; g++) {
+                    const float *qg = qh + g * head_dim;
+                    float dot = 0.f;
+                    #pragma omp simd reduction(+:dot)
+                    for (int d = 0; d < head_dim; d++) dot += qg[d] * (float)k[d];
+                    sc[(int64_t)g * max_len + n] = dot * scale;
+                }
+            }
+            softmax_rows(sc, group, len, max_len);
+            memset(o, 0, sizeof(float) * group * head_dim);
+            for (int n = 0; n < len; n++) {
+                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
+                                     + n % block_size;
+                const int8_t *v = v_pages + slot * token_stride + (int64_t)h * head_dim;
+                const float scale = half_to_float(v_scales[slot * num_kv_heads + h]);
+                for (int g = 0; g < group; g++) {
+                    const float weight = sc[(int64_t)g * max_len + n] * scale;
+                    float *og = o + g * head_dim;
+                    #pragma omp simd
+                    for (int d = 0; d < head_dim; d++) og[d] += weight * (float)v[d];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t *v_pages,
+                          const uint16_t *k_params, const uint16_t *v_params,
+                          const int32_t *block_tables, const int32_t *seq_lens, float *out, float *scores,
+                          int batch, int num_kv_heads, int group, int head_dim, int block_size, int table_width,
+                          int key_groups, float sm_scale) {
+    if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP || key_groups > MAX_KEY_GROUPS
+        || head_dim % (2 * key_groups)) return -1;
+    const int max_len = table_width * block_size, half = head_dim / 2, group_bytes = half / key_groups;
+    const int64_t token_stride = (int64_t)num_kv_heads * half;             /* page bytes per token */
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < num_kv_heads; h++) {
+            const int len = seq_lens[b];
+            const float *qh = q + ((int64_t)b * num_kv_heads + h) * group * head_dim;
+            float *sc = scores + ((int64_t)b * num_kv_heads + h) * group * max_len;
+            float *o = out + ((int64_t)b * num_kv_heads + h) * group * head_dim;
+            /* the query split by nibble: q_even[j] meets byte j's low nibble, q_odd[j] its high one; and each
+               key group's channel sum, which its offset multiplies */
+            float q_even[MAX_GROUP][MAX_HEAD_DIM / 2], q_odd[MAX_GROUP][MAX_HEAD_DIM / 2];
+            float q_sum[MAX_GROUP][MAX_KEY_GROUPS];
+            for (int g = 0; g < group; g++) {
+                for (int j = 0; j < half; j++) {
+                    q_even[g][j] = qh[g * head_dim + 2 * j];
+                    q_odd[g][j] = qh[g * head_dim + 2 * j + 1];
+                }
+                for (int kg = 0; kg < key_groups; kg++) {
+                    float sum = 0.f;
+                    for (int j = kg * group_bytes; j < (kg + 1) * group_bytes; j++) sum += q_even[g][j] + q_odd[g][j];
+                    q_sum[g][kg] = sum;
+                }
+            }
+            for (int n = 0; n < len; n++) {
+                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
+                                     + n % block_size;
+                const uint8_t *k = k_pages + slot * token_stride + (int64_t)h * half;
+                const uint16_t *params = k_params + (slot * num_kv_heads + h) * 2 * key_groups;
+                /* each byte's group scale, so that one reduction over all bytes gives sum_g s_g (q_g . u_g) */
+                float byte_scale[MAX_HEAD_DIM / 2], offset_term[MAX_GROUP] = {0};
+                for (int kg = 0; kg < key_groups; kg++) {
+                    const float scale = half_to_float(params[2 * kg]), offset = half_to_float(params[2 * kg + 1]);
+                    for (int j = kg * group_bytes; j < (kg + 1) * group_bytes; j++) byte_scale[j] = scale;
+                    for (int g = 0; g < group; g++) offset_term[g] += offset * q_sum[g][kg];
+                }
+                for (int g = 0; g < group; g++) {
+                    const float *qe = q_even[g], *qo = q_odd[g];
+                    float dot = 0.f;
+                    #pragma omp simd reduction(+:dot) simdlen(SIMD_FLOATS)
+                    for (int j = 0; j < half; j++)
+                        dot += byte_scale[j] * (qe[j] * (float)(k[j] & 15) + qo[j] * (float)(k[j] >> 4));
+                    sc[(int64_t)g * max_len + n] = (dot + offset_term[g]) * sm_scale;
+                }
+            }
+            softmax_rows(sc, group, len, max_len);
+            float o_even[MAX_GROUP][MAX_HEAD_DIM / 2], o_odd[MAX_GROUP][MAX_HEAD_DIM / 2], o_offset[MAX_GROUP];
+            memset(o_even, 0, sizeof o_even);
+            memset(o_odd, 0, sizeof o_odd);
+            memset(o_offset, 0, sizeof o_offset);
+            for (int n = 0; n < len; n++) {
+                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
+                                     + n % block_size;
+                const uint8_t *v = v_pages + slot * token_stride + (int64_t)h * half;
+                const uint16_t *params = v_params + (slot * num_kv_heads + h) * 2;
+                const float scale = half_to_float(params[0]), offset = half_to_float(params[1]);
+                for (int g = 0; g < group; g++) {
+                    const float p = sc[(int64_t)g * max_len + n], weight = p * scale;
+                    o_offset[g] += p * offset;
+                    #pragma omp simd simdlen(SIMD_FLOATS)
+                    for (int j = 0; j < half; j++) {
+                        o_even[g][j] += weight * (float)(v[j] & 15);
+                        o_odd[g][j] += weight * (float)(v[j] >> 4);
+                    }
+                }
+            }
+            for (int g = 0; g < group; g++)
+                for (int j = 0; j < half; j++) {
+                    o[g * head_dim + 2 * j] = o_even[g][j] + o_offset[g];
+                    o[g * head_dim + 2 * j + 1] = o_odd[g][j] + o_offset[g];
+                }
+        }
+    }
+    return 0;
+}
