@@ -199,6 +199,27 @@ def test_reference_attention_matches_dense_loop(case):
     assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(batches(), st.integers(0, 3))
+def test_torch_backend_matches_dense_loop(case, num_decodes):
+    """The CPU backend as the engine calls it: mixed steps (decode rows beside prefill chunks) split into a decode
+    batch (the C kernel on quantized pages) and a padded prefill batch; every row == dense causal softmax."""
+    lens = case["lens"] + [(1, 1 + 23 * i) for i in range(num_decodes)]
+    need = sum(math.ceil(s / case["block_size"]) for _, s in lens)
+    cache = random_pool(kv_dtype=case["kv_dtype"], num_blocks=need + 2, block_size=case["block_size"],
+                        num_kv_heads=case["num_kv_heads"], head_dim=case["head_dim"], seed=case["seed"])
+    query, meta = random_batch(lens=lens, num_blocks=need + 2, block_size=case["block_size"],
+                               num_heads=case["num_kv_heads"] * case["group"], head_dim=case["head_dim"],
+                               seed=case["seed"], dtype=torch.float32, repeat_blocks=case["repeat"])
+    scratch = {}
+    for _ in range(2):                                   # two layers of one step: the split is kept and reused
+        out = kernels.paged_attention(query=query, cache=cache, **meta, scratch=scratch)
+        want = dense_attention(query, *dequantized_pages(cache), **meta)
+        assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
+    mixed = meta["max_query_len"] > 1 and any(q == 1 for q, _ in lens)
+    assert (scratch.get("mixed_split") is not None) == mixed
+
+
 @pytest.mark.parametrize("kv_dtype", kernels.KV_DTYPES)
 def test_decode_attention_ignores_padding_columns(kv_dtype):
     """Decode reads whole table rows (compile-friendly): padding columns on a block full of other keys, and
@@ -335,7 +356,7 @@ def test_prefill_sdpa_runs_at_bucketed_lengths(monkeypatch):
         query, meta = random_batch(lens=lens, num_blocks=12, block_size=16, num_heads=2 * group, head_dim=32,
                                    seed=seed, dtype=torch.float32)
         past_the_table += meta["block_tables"].shape[1] * 16 < -(-meta["max_seq_len"] // step) * step
-        out = kernels.paged_attention(query=query, cache=cache, **meta)
+        out = reference.paged_attention(query=query, cache=cache, **meta)    # the padded path, mixed batches too
         want = dense_attention(query, *dequantized_pages(cache), **meta)
         assert torch.allclose(out.double(), want, atol=2e-5, rtol=1e-4)
     assert past_the_table >= 2

@@ -134,16 +134,75 @@ class TorchBackend:
     run ``native.py``'s C kernel where it builds (the same arithmetic in one pass, not ~20 tensor ops)."""
 
     name = "torch"
-    write_kv = staticmethod(reference.write_kv)
 
     @staticmethod
-    def paged_attention(args: dict, *, scratch: dict | None, split_kv: bool | None,
+    def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor,
+                 scratch: dict | None, all_slots_valid: bool) -> None:
+        if cache.k_scale is not None and native.write_kv(key=key, value=value, cache=cache,
+                                                         slot_mapping=slot_mapping):
+            return                                     # int8 / int4 pages: the C quantizer where it builds
+        reference.write_kv(key=key, value=value, cache=cache, slot_mapping=slot_mapping, scratch=scratch,
+                           all_slots_valid=all_slots_valid)
+
+    @classmethod
+    def paged_attention(cls, args: dict, *, scratch: dict | None, split_kv: bool | None,
                         options: dict) -> torch.Tensor:
-        if args["max_query_len"] == 1 and args["cache"].k_scale is not None:    # decode on int8 / int4 pages
+        if args["max_query_len"] == 1:
+            return cls.decode(args, scratch)
+        split = reference._per_step(scratch, "mixed_split", lambda: MixedSplit.of(args))
+        if split is None:
+            return reference.paged_attention(**args, scratch=scratch)
+        # a mixed step: its decode rows attend alone, and only the prefilling sequences take the padded grid
+        # (otherwise every decode row would be padded to the longest chunk: B x chunk query rows)
+        query = args["query"]
+        out = torch.empty_like(query)
+        out[split.decode_rows] = cls.decode(dict(args, query=query[split.decode_rows], **split.decode_meta),
+                                            reference._sub_scratch(scratch, "decode"))
+        out[split.prefill_rows] = reference.paged_attention(
+            **dict(args, query=query[split.prefill_rows], **split.prefill_meta),
+            scratch=reference._sub_scratch(scratch, "prefill"))
+        return out
+
+    @staticmethod
+    def decode(args: dict, scratch: dict | None) -> torch.Tensor:
+        if args["cache"].k_scale is not None:          # int8 / int4 pages: the C kernel where it builds
             out = native.decode_attention(**{k: args[k] for k in DECODE_ARGS})
             if out is not None:
                 return out
-        return reference.paged_attention(**args, scratch=scratch)
+        return reference.decode_attention(**{k: args[k] for k in DECODE_ARGS}, scratch=scratch)
+
+
+@dataclass
+class MixedSplit:
+    """A step that mixes decode rows (one query row) with prefill chunks, as two batches (``TorchBackend``)."""
+
+    decode_rows: torch.Tensor      # (Td,) the decode sequences' query rows
+    prefill_rows: torch.Tensor     # (Tp,) the prefilling sequences' query rows, in order
+    decode_meta: dict              # block_tables, seq_lens of the decode sequences
+    prefill_meta: dict             # block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len
+
+    @staticmethod
+    def of(args: dict) -> MixedSplit | None:
+        """The split of a step's metadata, or None unless it has both kinds of sequence."""
+        starts = args["query_start_loc"]
+        q_lens = (starts[1:] - starts[:-1]).tolist()
+        decode = [b for b, n in enumerate(q_lens) if n == 1]
+        prefill = [b for b, n in enumerate(q_lens) if n > 1]
+        if not decode or not prefill:
+            return None
+        start_list = starts.tolist()
+        rows = [r for b in prefill for r in range(start_list[b], start_list[b + 1])]
+        prefill_lens = [q_lens[b] for b in prefill]
+        device = starts.device
+        decode_idx, prefill_idx = (torch.tensor(x, device=device) for x in (decode, prefill))
+        prefill_starts = torch.tensor([0] + prefill_lens, device=device, dtype=starts.dtype).cumsum(0)
+        tables, seq_lens = args["block_tables"], args["seq_lens"]
+        return MixedSplit(
+            decode_rows=starts[decode_idx].long(), prefill_rows=torch.tensor(rows, device=device),
+            decode_meta=dict(block_tables=tables[decode_idx], seq_lens=seq_lens[decode_idx]),
+            prefill_meta=dict(block_tables=tables[prefill_idx], seq_lens=seq_lens[prefill_idx],
+                              query_start_loc=prefill_starts.to(starts.dtype), max_query_len=max(prefill_lens),
+                              max_seq_len=int(seq_lens[prefill_idx].max())))
 
 
 class TritonBackend:

@@ -1,13 +1,14 @@
-"""The CPU's native decode attention over int8 / int4 pages (``decode_cpu.c``), compiled on first use.
+"""The CPU's native int8 / int4 KV kernels (``cpu_kv.c``): decode attention on the codes and the quantizing writer.
 
-Quantized decode in torch ops (``reference._attention_on_codes``) is ~20 passes over each layer's context; the C
-kernel is one pass per side, which is what makes int8 / int4 pages cost no more time than bf16 ones on a CPU
-(README, "Speed on a CPU"). It is built once per machine with the system's C compiler (``cc``, or ``$CC``) into
+In torch ops (``reference.py``) a decode step on quantized pages runs ~20 passes over each layer's context
+(``_attention_on_codes``) and ~12-25 small ops to quantize its new K/V; the C kernels do one pass each, which is
+what lets int8 / int4 pages cost no more time than bf16 ones on a CPU (README, "Quantized pages on the CPU").
+They are built once per machine with the system's C compiler (``cc``, or ``$CC``) into
 ``~/.cache/alise/native/`` (``$ALISE_CACHE`` overrides the root) under a name that hashes the source, the flags
 and the CPU, and loaded with ctypes. Where no compiler works, or ``ALISE_NATIVE=0`` is set, ``decode_attention``
-returns None and the torch backend runs ``_attention_on_codes`` instead (one warning says why).
+returns None and ``write_kv`` False, and the torch backend runs the torch ops instead (one warning says why).
 
-``torch.compile`` graphs never call it (ctypes is opaque to dynamo): compiled decode steps keep the torch ops,
+``torch.compile`` graphs never call them (ctypes is opaque to dynamo): compiled decode steps keep the torch ops,
 which inductor fuses.
 """
 from __future__ import annotations
@@ -26,11 +27,11 @@ import torch
 
 from alise.kernels import reference
 
-SOURCE = Path(__file__).with_name("decode_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-shared", "-fPIC", "-std=c11")
 ENV_SWITCH = "ALISE_NATIVE"          # "0" turns the native kernel off (the torch ops run instead)
-MAX_HEAD_DIM, MAX_GROUP, MAX_KEY_GROUPS = 256, 16, 8     # decode_cpu.c's fixed buffers
+MAX_HEAD_DIM, MAX_GROUP, MAX_KEY_GROUPS = 256, 16, 8     # cpu_kv.c's fixed buffers
 
 
 def _cpu_flags() -> str:
@@ -57,7 +58,7 @@ def load() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    library = _cache_dir() / f"decode_cpu-{key}.so"
+    library = _cache_dir() / f"cpu_kv-{key}.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,8 @@ def load() -> ctypes.CDLL | None:
     pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.decode_attention_int8.argtypes = [pointer] * 9 + [i32] * 6 + [f32]
     lib.decode_attention_int4.argtypes = [pointer] * 9 + [i32] * 7 + [f32]
-    lib.decode_attention_int8.restype = lib.decode_attention_int4.restype = i32
+    lib.write_kv_quantized.argtypes = [pointer, pointer, i32] + [pointer] * 5 + [i32] * 5
+    lib.decode_attention_int8.restype = lib.decode_attention_int4.restype = lib.write_kv_quantized.restype = i32
     return lib
 
 
@@ -114,6 +116,31 @@ def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, 
     else:
         status = lib.decode_attention_int4(*args, reference.scale_groups(cache.k_scale, "int4"), sm_scale)
     if status != 0:          # the checks above keep the kernel's buffers in bounds; it checks them again
-        raise RuntimeError(f"decode_cpu.c refused head_dim {head_dim} with {group} query heads per kv head")
+        raise RuntimeError(f"cpu_kv.c refused head_dim {head_dim} with {group} query heads per kv head")
     out = reference.rotate(out) if cache.kv_dtype == "int4" else out
     return out.view(batch, num_heads, head_dim).to(query.dtype)
+
+
+def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor) -> bool:
+    """``reference.write_kv`` into int8 / int4 pages, in C: quantize token t's K/V ``[T, Hkv, D]`` (float32 or
+    bf16) and store them at slot ``slot_mapping[t]`` (-1: skip). False where the kernel does not apply (the caller
+    then runs the torch ops): no compiler, another device or dtype, a ``torch.compile`` trace, a head past the
+    kernel's buffers."""
+    head_dim = key.shape[-1]
+    if (key.device.type != "cpu" or torch.compiler.is_compiling() or head_dim > MAX_HEAD_DIM
+            or key.dtype not in (torch.float32, torch.bfloat16)
+            or reference.scale_groups(cache.k_scale, cache.kv_dtype) > MAX_KEY_GROUPS):
+        return False
+    lib = load()
+    if lib is None:
+        return False
+    key, value = key.contiguous(), value.to(key.dtype).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    status = lib.write_kv_quantized(
+        key.data_ptr(), value.data_ptr(), key.dtype == torch.bfloat16,
+        *(t.data_ptr() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale, slots)),
+        key.shape[0], key.shape[1], head_dim, cache.kv_dtype == "int4",
+        reference.scale_groups(cache.k_scale, cache.kv_dtype))
+    if status != 0:
+        raise RuntimeError(f"cpu_kv.c refused to write head_dim {head_dim}")
+    return True

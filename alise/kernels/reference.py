@@ -170,6 +170,11 @@ def _per_step(scratch: dict | None, key: str, build):
     return scratch[key]
 
 
+def _sub_scratch(scratch: dict | None, name: str) -> dict | None:
+    """A step's scratch for one part of a split batch (its own masks and plans), kept inside the step's own."""
+    return None if scratch is None else scratch.setdefault(f"part/{name}", {})
+
+
 def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: torch.Tensor,
              scratch: dict | None = None, all_slots_valid: bool = False) -> None:
     """Quantize and store token t's K/V ``[T, Hkv, D]`` at slot ``slot_mapping[t]`` (skip -1).

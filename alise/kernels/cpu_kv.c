@@ -1,25 +1,27 @@
-/* Decode attention over int8 / int4 KV pages on the CPU: one query row per sequence, the codes never expanded.
+/* int8 / int4 KV pages on the CPU, natively: decode attention on the codes, and the quantizing writer.
 
    The torch backend's decode step on quantized pages (reference.py, ``_attention_on_codes``) is ~20 tensor ops
-   per layer, each a pass over the whole context; this is the same arithmetic in one pass per side, with the
-   scales applied on the fly. ``native.py`` compiles it with the system's C compiler on first use (-O3
-   -march=native -fopenmp) and calls it through ctypes; torch's own OpenMP runtime (libgomp.so.1, already
-   loaded) runs the threads.
+   per layer and its quantizer ~12 (int8) to ~25 (int4) more, each a pass of its own; here each is one pass.
+   ``native.py`` compiles this file with the system's C compiler on first use (-O3 -march=native -fopenmp) and
+   calls it through ctypes; torch's own OpenMP runtime (libgomp.so.1, already loaded) runs the threads.
 
-   Work split: one task per (sequence b, kv head h), spread over the threads. A task reads its sequence's pages
-   through the block table, token by token:
+   Decode attention: one task per (sequence b, kv head h), spread over the threads. A task reads its sequence's
+   pages through the block table, token by token:
      1. scores: for each of the G query heads of kv head h,
           int8:  s_n = sm_scale * k_scale_n * sum_d q_d k_nd
           int4:  s_n = sm_scale * sum_groups (k_scale_ng * sum_{d in g} q_d u_nd + k_offset_ng * sum_{d in g} q_d)
         into ``scores`` (a caller's workspace, G x max_len floats per task);
      2. softmax over the n < seq_len visible tokens (max, exp, sum);
-     3. values: out_d = sum_n p_n (v_scale_n v_nd) [+ sum_n p_n v_offset_n for int4], divided by the sum.
+     3. values: out_d = sum_n p_n (v_scale_n v_nd) [+ sum_n p_n v_offset_n for int4].
    Everything is float32. int4 pages hold Hadamard-rotated vectors: the caller rotates q in and the output back.
+   A token's codes are converted to floats once and serve all G query heads; each dot product ends in one
+   horizontal sum (hence -fassociative-math: without it the compiler sums the vector's lanes one by one).
 
    Memory layout (kernels/__init__.py): pages [num_blocks, block_size, Hkv, D] int8, or [.., D / 2] uint8 for
    int4 (byte j: channel 2j in the low nibble, 2j + 1 in the high one); scales fp16 [num_blocks, block_size,
    Hkv, entries]: int8 one scale; int4 keys (scale, offset) per group of 32 channels, values one pair. q and out
-   are float32 [B, Hkv, G, D], contiguous. */
+   are float32 [B, Hkv, G, D], contiguous. fp16 is C's _Float16 (gcc >= 12, clang >= 15): a compiler without it
+   fails the build, and the torch ops run instead. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,29 +32,15 @@
 /* int4 loops run over bytes, which would make the vectorizer pick 64 lanes (more than head_dim / 2 = 32 bytes,
    so the whole loop would fall to its scalar remainder): ask for float-wide vectors instead */
 #define SIMD_FLOATS 16
+/* reference.py's constants */
+#define SCALE_MIN 6.103515625e-05f       /* 2 ** -14 */
+#define SCALE_MAX 65504.f
+#define OFFSET_MARGIN 9.765625e-04f      /* 2 ** -10 */
 
 static inline float half_to_float(uint16_t h) {
-#ifdef __FLT16_MAX__      /* the compiler has _Float16 (gcc >= 12, clang on x86-64 / arm64): one instruction */
     _Float16 f;
     memcpy(&f, &h, sizeof f);
     return (float)f;
-#else                     /* IEEE fp16 -> float32 by bits (normals, subnormals, inf, nan) */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else {                                   /* subnormal: normalize */
-        exponent = 113;
-        while (!(mantissa & 0x400)) { mantissa <<= 1; exponent--; }
-        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
 }
 
 /* exp(x) for x <= 0, vectorizable (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2,
@@ -168,19 +156,22 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
                                      + n % block_size;
                 const uint8_t *k = k_pages + slot * token_stride + (int64_t)h * half;
                 const uint16_t *params = k_params + (slot * num_kv_heads + h) * 2 * key_groups;
-                /* each byte's group scale, so that one reduction over all bytes gives sum_g s_g (q_g . u_g) */
-                float byte_scale[MAX_HEAD_DIM / 2], offset_term[MAX_GROUP] = {0};
+                /* the token's codes as floats, each times its group's scale, unpacked once for the G rows */
+                float k_lo[MAX_HEAD_DIM / 2], k_hi[MAX_HEAD_DIM / 2], offset_term[MAX_GROUP] = {0};
                 for (int kg = 0; kg < key_groups; kg++) {
                     const float scale = half_to_float(params[2 * kg]), offset = half_to_float(params[2 * kg + 1]);
-                    for (int j = kg * group_bytes; j < (kg + 1) * group_bytes; j++) byte_scale[j] = scale;
+                    #pragma omp simd simdlen(SIMD_FLOATS)
+                    for (int j = kg * group_bytes; j < (kg + 1) * group_bytes; j++) {
+                        k_lo[j] = scale * (float)(k[j] & 15);
+                        k_hi[j] = scale * (float)(k[j] >> 4);
+                    }
                     for (int g = 0; g < group; g++) offset_term[g] += offset * q_sum[g][kg];
                 }
                 for (int g = 0; g < group; g++) {
                     const float *qe = q_even[g], *qo = q_odd[g];
                     float dot = 0.f;
-                    #pragma omp simd reduction(+:dot) simdlen(SIMD_FLOATS)
-                    for (int j = 0; j < half; j++)
-                        dot += byte_scale[j] * (qe[j] * (float)(k[j] & 15) + qo[j] * (float)(k[j] >> 4));
+                    #pragma omp simd reduction(+:dot)
+                    for (int j = 0; j < half; j++) dot += qe[j] * k_lo[j] + qo[j] * k_hi[j];
                     sc[(int64_t)g * max_len + n] = (dot + offset_term[g]) * sm_scale;
                 }
             }
@@ -195,13 +186,19 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
                 const uint8_t *v = v_pages + slot * token_stride + (int64_t)h * half;
                 const uint16_t *params = v_params + (slot * num_kv_heads + h) * 2;
                 const float scale = half_to_float(params[0]), offset = half_to_float(params[1]);
+                float v_lo[MAX_HEAD_DIM / 2], v_hi[MAX_HEAD_DIM / 2];     /* unpacked once for the G rows */
+                #pragma omp simd simdlen(SIMD_FLOATS)
+                for (int j = 0; j < half; j++) {
+                    v_lo[j] = (float)(v[j] & 15);
+                    v_hi[j] = (float)(v[j] >> 4);
+                }
                 for (int g = 0; g < group; g++) {
                     const float p = sc[(int64_t)g * max_len + n], weight = p * scale;
                     o_offset[g] += p * offset;
-                    #pragma omp simd simdlen(SIMD_FLOATS)
+                    #pragma omp simd
                     for (int j = 0; j < half; j++) {
-                        o_even[g][j] += weight * (float)(v[j] & 15);
-                        o_odd[g][j] += weight * (float)(v[j] >> 4);
+                        o_even[g][j] += weight * v_lo[j];
+                        o_odd[g][j] += weight * v_hi[j];
                     }
                 }
             }
@@ -210,6 +207,102 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
                     o[g * head_dim + 2 * j] = o_even[g][j] + o_offset[g];
                     o[g * head_dim + 2 * j + 1] = o_odd[g][j] + o_offset[g];
                 }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The writer: a step's new K and V: quantize each (token, kv head) vector and store it at its slot (-1: skip), the
+   formats of reference.py. int8 reproduces the reference code for code (the same IEEE operations in the same
+   order); int4 rotates with a fast Walsh-Hadamard transform, whose sums run in another order than torch's
+   matmul, so a code can differ by one where a value lands on a rounding boundary (tests/test_kernels_native.py).
+   Inputs are float32 or bf16 [T, Hkv, D] with contiguous rows; one task per token.
+   ------------------------------------------------------------------------------------------------------------ */
+
+static inline float input_at(const void *x, int is_bf16, int64_t i) {
+    if (!is_bf16) return ((const float *)x)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;     /* bf16 is float32's top half */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+/* float32 -> fp16 -> float32, rounding to nearest even as torch's .to(float16) does */
+static inline uint16_t to_half(float x, float *rounded) {
+    const _Float16 h = (_Float16)x;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    *rounded = (float)h;
+    return bits;
+}
+
+static void quantize_int8_row(const float *x, int head_dim, int8_t *codes, uint16_t *scale_out) {
+    float absmax = 0.f;
+    for (int d = 0; d < head_dim; d++) absmax = fabsf(x[d]) > absmax ? fabsf(x[d]) : absmax;
+    float scale;
+    *scale_out = to_half(clampf(absmax / 127.f, SCALE_MIN, SCALE_MAX), &scale);
+    for (int d = 0; d < head_dim; d++) codes[d] = (int8_t)clampf(floorf(x[d] / scale + 0.5f), -127.f, 127.f);
+}
+
+/* x (already rotated) -> packed nibbles and (scale, offset) per group of head_dim / groups channels */
+static void quantize_int4_row(const float *x, int head_dim, int groups, uint8_t *packed, uint16_t *params) {
+    const int width = head_dim / groups;
+    for (int g = 0; g < groups; g++) {
+        const float *xg = x + g * width;
+        float lo = xg[0], hi = xg[0];
+        for (int d = 1; d < width; d++) { lo = xg[d] < lo ? xg[d] : lo; hi = xg[d] > hi ? xg[d] : hi; }
+        float offset, scale;
+        params[2 * g + 1] = to_half(clampf(lo - fabsf(lo) * OFFSET_MARGIN, -SCALE_MAX, SCALE_MAX), &offset);
+        params[2 * g] = to_half(clampf((hi - offset) / 15.f, SCALE_MIN, SCALE_MAX), &scale);
+        for (int d = 0; d < width; d += 2) {
+            const uint8_t even = (uint8_t)clampf(floorf((xg[d] - offset) / scale + 0.5f), 0.f, 15.f);
+            const uint8_t odd = (uint8_t)clampf(floorf((xg[d + 1] - offset) / scale + 0.5f), 0.f, 15.f);
+            packed[(g * width + d) / 2] = even | (uint8_t)(odd << 4);
+        }
+    }
+}
+
+/* x @ H / sqrt(D) in place for Sylvester's H (a fast Walsh-Hadamard transform: log2(D) butterfly passes) */
+static void rotate_row(float *x, int head_dim) {
+    for (int span = 1; span < head_dim; span *= 2)
+        for (int i = 0; i < head_dim; i += 2 * span)
+            for (int j = i; j < i + span; j++) {
+                const float a = x[j], b = x[j + span];
+                x[j] = a + b;
+                x[j + span] = a - b;
+            }
+    const float norm = 1.f / sqrtf((float)head_dim);
+    for (int d = 0; d < head_dim; d++) x[d] *= norm;
+}
+
+int write_kv_quantized(const void *key, const void *value, int is_bf16, void *k_pages, void *v_pages,
+                       uint16_t *k_scales, uint16_t *v_scales, const int64_t *slots, int num_tokens,
+                       int num_kv_heads, int head_dim, int is_int4, int key_groups) {
+    if (head_dim > MAX_HEAD_DIM || key_groups > MAX_KEY_GROUPS || (is_int4 && head_dim % (2 * key_groups)))
+        return -1;
+    const int row_bytes = is_int4 ? head_dim / 2 : head_dim;
+    const int k_entries = is_int4 ? 2 * key_groups : 1, v_entries = is_int4 ? 2 : 1;
+    #pragma omp parallel for schedule(static) if (num_tokens > 16)
+    for (int t = 0; t < num_tokens; t++) {
+        if (slots[t] < 0) continue;
+        for (int h = 0; h < num_kv_heads; h++) {
+            const int64_t row = ((int64_t)t * num_kv_heads + h) * head_dim, out = slots[t] * num_kv_heads + h;
+            for (int side = 0; side < 2; side++) {                      /* K, then V */
+                const void *src = side ? value : key;
+                uint8_t *pages = (uint8_t *)(side ? v_pages : k_pages) + out * row_bytes;
+                float x[MAX_HEAD_DIM];
+                for (int d = 0; d < head_dim; d++) x[d] = input_at(src, is_bf16, row + d);
+                if (!is_int4) {
+                    quantize_int8_row(x, head_dim, (int8_t *)pages, (side ? v_scales : k_scales) + out);
+                } else {
+                    rotate_row(x, head_dim);
+                    quantize_int4_row(x, head_dim, side ? 1 : key_groups, pages,
+                                      (side ? v_scales + out * v_entries : k_scales + out * k_entries));
+                }
+            }
         }
     }
     return 0;
