@@ -379,3 +379,29 @@ def test_grouped_split_keeps_groups_whole():
     assert len(hist) == 12 and len(test) == 13
     with pytest.raises(ValueError, match="groups"):
         S.grouped_split(records, groups[:-1], 0.5, 0)
+
+
+def test_unloaded_backlog_by_hand():
+    """Each step costs 1 s (overhead only): a request of prompt 4 (one prefill step, its first token) and output
+    n takes n steps alone. Arrivals at 0, 5, 8, last at 9: the first is done (5 steps); the second (output 6,
+    until 11) has made 4 s of progress: its first token at 6, then 3 of its 5 remaining steps, 2 / 5 of its 5
+    later tokens left = 2 tokens; the third (output 4, 8 -> 12): 1 s gone, its first token, 3 of 3 later left;
+    the last: all 2 left. So (2 + 3 + 2) / (5 + 6 + 4 + 2) of the work is in flight without any queue."""
+    p = profile(cost=CostModel(overhead=1.0, prefill_token=0.0, decode_seq=0.0, context_token=0.0),
+                max_num_batched_tokens=16)
+    trace = [TraceRequest(4, n, arrival=a) for n, a in ((5, 0.0), (6, 5.0), (4, 8.0), (2, 9.0))]
+    assert S.isolated_latency(trace[1], p) == (6.0, 1.0)
+    want = (2 + 3 + 2) / 17
+    assert S.unloaded_backlog(trace, p) == pytest.approx(want)
+
+
+def test_sustained_counts_backlog_beyond_the_unloaded_one():
+    """The 10% rule applies to the backlog beyond what a run that keeps up carries at the last arrival."""
+    from alise.bench.__main__ import sustained
+    assert sustained({"backlog_fraction": 0.15, "unloaded_backlog_fraction": 0.08})
+    assert not sustained({"backlog_fraction": 0.15, "unloaded_backlog_fraction": 0.04})
+    assert not sustained({"backlog_fraction": 0.15})
+    assert not sustained({"backlog_fraction": 0.0, "saturated": True})
+    run = S.simulate(with_arrivals(synthetic("sharegpt", 200, seed=1), 0.01, seed=0), "fcfs",
+                     profile(num_blocks=300, block_size=16, max_num_seqs=16, max_num_batched_tokens=512))
+    assert 0 < run.unloaded_backlog_fraction <= run.backlog_fraction + 1e-9   # light load: in flight, no queue

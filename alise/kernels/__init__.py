@@ -130,8 +130,9 @@ def _check_backend(backend: str) -> None:
 
 class TorchBackend:
     """``reference.py``: the CPU backend and the oracle. It keeps what it derives from a step's metadata in the
-    step's ``scratch``; Triton's ``split_kv`` and tile sizes mean nothing to it. Decode steps on int8 / int4 pages
-    run ``native.py``'s C kernel where it builds (the same arithmetic in one pass, not ~20 tensor ops)."""
+    step's ``scratch``; Triton's ``split_kv`` and tile sizes mean nothing to it. On int8 / int4 pages the writer
+    and decode attention run ``native.py``'s C kernels where they build (the same arithmetic in one pass, not
+    dozens of tensor ops); a mixed step's decode rows attend apart from its prefill chunks (``MixedSplit``)."""
 
     name = "torch"
 
@@ -149,7 +150,7 @@ class TorchBackend:
                         options: dict) -> torch.Tensor:
         if args["max_query_len"] == 1:
             return cls.decode(args, scratch)
-        split = reference._per_step(scratch, "mixed_split", lambda: MixedSplit.of(args))
+        split = reference.per_step(scratch, "mixed_split", lambda: MixedSplit.of(args))
         if split is None:
             return reference.paged_attention(**args, scratch=scratch)
         # a mixed step: its decode rows attend alone, and only the prefilling sequences take the padded grid
@@ -157,10 +158,10 @@ class TorchBackend:
         query = args["query"]
         out = torch.empty_like(query)
         out[split.decode_rows] = cls.decode(dict(args, query=query[split.decode_rows], **split.decode_meta),
-                                            reference._sub_scratch(scratch, "decode"))
+                                            reference.sub_scratch(scratch, "decode"))
         out[split.prefill_rows] = reference.paged_attention(
             **dict(args, query=query[split.prefill_rows], **split.prefill_meta),
-            scratch=reference._sub_scratch(scratch, "prefill"))
+            scratch=reference.sub_scratch(scratch, "prefill"))
         return out
 
     @staticmethod

@@ -160,7 +160,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str) ->
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
 
-def _per_step(scratch: dict | None, key: str, build):
+def per_step(scratch: dict | None, key: str, build):
     """``build()``, memoized in ``scratch`` when given: tensors derived from a step's metadata are the same in
     every layer, so the runner passes one dict per step and the work happens once instead of once per layer."""
     if scratch is None:
@@ -170,7 +170,7 @@ def _per_step(scratch: dict | None, key: str, build):
     return scratch[key]
 
 
-def _sub_scratch(scratch: dict | None, name: str) -> dict | None:
+def sub_scratch(scratch: dict | None, name: str) -> dict | None:
     """A step's scratch for one part of a split batch (its own masks and plans), kept inside the step's own."""
     return None if scratch is None else scratch.setdefault(f"part/{name}", {})
 
@@ -185,7 +185,7 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
     def written():                                              # rows to store and where, -1 filtered out
         keep = slot_mapping >= 0
         return (None, slot_mapping.long()) if bool(keep.all()) else (keep, slot_mapping[keep].long())
-    keep, slots = (None, slot_mapping.long()) if all_slots_valid else _per_step(scratch, "write_kv", written)
+    keep, slots = (None, slot_mapping.long()) if all_slots_valid else per_step(scratch, "write_kv", written)
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     if keep is not None:
         key, value = key[keep], value[keep]
@@ -249,7 +249,7 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     Gathers and dequantizes the pages, then runs one SDPA over a padded ``(B, max_query_len)`` query grid, with
     the query heads of each kv head stacked as extra query rows (GQA without copying K/V per query head).
     Decode batches (one row per sequence) take ``decode_attention``.
-    ``scratch``: see ``_per_step`` (the padding plan, or decode's mask, is built once per step).
+    ``scratch``: see ``per_step`` (the padding plan, or decode's mask, is built once per step).
     """
     if max_query_len == 1:
         return decode_attention(query=query, cache=cache, block_tables=block_tables, seq_lens=seq_lens,
@@ -267,8 +267,8 @@ def paged_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, s
     extra = width - block_tables.shape[1]
     if extra > 0:                                                # read block 0 there: any valid page, masked
         tables = block_tables                                    # padded once per step, not once per layer
-        block_tables = _per_step(scratch, "padded_tables", lambda: F.pad(tables, (0, extra)))
-    plan = _per_step(scratch, f"padding_plan/{group}", lambda: padding_plan(
+        block_tables = per_step(scratch, "padded_tables", lambda: F.pad(tables, (0, extra)))
+    plan = per_step(scratch, f"padding_plan/{group}", lambda: padding_plan(
         seq_lens=seq_lens, query_start_loc=query_start_loc, num_tokens=num_tokens, group=group,
         max_query_len=max_query_len, max_seq_len=max_seq_len))
     k, v = gather_kv(cache, block_tables, max_seq_len)          # (B, L, Hkv, D)
@@ -300,7 +300,7 @@ def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, 
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.k.shape[2]
     max_len = block_tables.shape[1] * cache.k.shape[1]
-    visible = _per_step(scratch, "decode_mask", lambda: torch.arange(max_len, device=query.device)[None]
+    visible = per_step(scratch, "decode_mask", lambda: torch.arange(max_len, device=query.device)[None]
                         < seq_lens[:, None])                     # (B, L)
     q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)   # the query heads of each kv head
     if cache.k_scale is None:
@@ -396,7 +396,7 @@ def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visi
     shape = (batch, max_len, heads * head_dim)
     # eager: one buffer per step, reused by every layer; a compiled graph plans its own memory (and a key built
     # from the shapes would make it guard on them)
-    buffer = None if torch.compiler.is_compiling() else _per_step(
+    buffer = None if torch.compiler.is_compiling() else per_step(
         scratch, f"codes/{shape}/{dtype}", lambda: torch.empty(shape, dtype=dtype, device=q.device))
     if cache.kv_dtype == "int8":
         scores = _block_diagonal(q) @ _codes(k_codes, dtype, buffer).transpose(1, 2)  # (B, Hkv * G, L)
@@ -411,7 +411,7 @@ def _attention_on_codes(q: torch.Tensor, cache, block_tables: torch.Tensor, visi
         scale, offset = k_params[:, :, 0::2], k_params[:, :, 1::2]                 # (B, Hkv, groups, L)
         offset = offset + CODE_CENTER * scale                                      # for centred codes
         scores = (partial * scale[:, :, None]).sum(3) + q_by_group.float().sum(-1) @ offset  # (B, Hkv, G, L)
-    hidden = _per_step(scratch, "decode_hidden", lambda: ~visible[:, None, None, :])     # (B, 1, 1, L)
+    hidden = per_step(scratch, "decode_hidden", lambda: ~visible[:, None, None, :])     # (B, 1, 1, L)
     scores = scores.mul_(sm_scale).masked_fill_(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)                                          # (B, Hkv, G, L) float32
     weights = (probs * v_params[:, :, :1]).to(dtype).view(batch, heads * group, max_len)
