@@ -144,3 +144,26 @@ def test_native_int4_writer_matches_the_reference(head_dim, num_kv_heads, dtype,
     written = torch.zeros(64, dtype=torch.bool)
     written[slots[slots >= 0]] = True
     assert (ours.k_scale.flatten(0, 1)[~written] == 0).all() and (ours.k_scale.flatten(0, 1)[written] != 0).any()
+
+
+@needs_native
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_native_kernels_refuse_metadata_outside_the_pool(kv_dtype):
+    """A block id past the pool, a sequence longer than its table row, or a slot past the pool: ValueError, and
+    nothing written (never a read or write outside the pages)."""
+    cache = random_pool(kv_dtype=kv_dtype, num_blocks=4, block_size=16, num_kv_heads=1, head_dim=16, seed=0)
+    query, meta = random_batch(lens=[(1, 20)], num_blocks=4, block_size=16, num_heads=2, head_dim=16, seed=0,
+                               dtype=torch.float32)
+    args = dict(query=query, cache=cache, sm_scale=meta["sm_scale"])
+    bad_block = meta["block_tables"].clone()
+    bad_block[0, 1] = 4
+    with pytest.raises(ValueError, match="outside the KV pool"):
+        native.decode_attention(**args, block_tables=bad_block, seq_lens=meta["seq_lens"])
+    too_long = torch.tensor([meta["block_tables"].shape[1] * 16 + 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside the KV pool"):
+        native.decode_attention(**args, block_tables=meta["block_tables"], seq_lens=too_long)
+    before = cache.k.clone()
+    with pytest.raises(ValueError, match="outside the KV pool"):
+        native.write_kv(key=torch.ones(2, 1, 16), value=torch.ones(2, 1, 16), cache=cache,
+                        slot_mapping=torch.tensor([3, 64]))
+    assert torch.equal(cache.k, before)

@@ -73,12 +73,27 @@ static void softmax_rows(float *scores, int group, int len, int stride) {
     }
 }
 
+/* -2 unless every sequence's length fits its table row and every block it reads is in the pool: a bad block
+   table fails the step instead of reading past the pages */
+static int check_tables(const int32_t *block_tables, const int32_t *seq_lens, int batch, int table_width,
+                        int block_size, int num_blocks) {
+    for (int b = 0; b < batch; b++) {
+        if (seq_lens[b] < 0 || seq_lens[b] > table_width * block_size) return -2;
+        for (int c = 0; c < (seq_lens[b] + block_size - 1) / block_size; c++) {
+            const int32_t block = block_tables[b * table_width + c];
+            if (block < 0 || block >= num_blocks) return -2;
+        }
+    }
+    return 0;
+}
+
 int decode_attention_int8(const float *q, const int8_t *k_pages, const int8_t *v_pages,
                           const uint16_t *k_scales, const uint16_t *v_scales,
                           const int32_t *block_tables, const int32_t *seq_lens, float *out, float *scores,
                           int batch, int num_kv_heads, int group, int head_dim, int block_size, int table_width,
-                          float sm_scale) {
+                          int num_blocks, float sm_scale) {
     if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
+    if (check_tables(block_tables, seq_lens, batch, table_width, block_size, num_blocks)) return -2;
     const int max_len = table_width * block_size;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;         /* page bytes per token */
     #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -124,9 +139,10 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
                           const uint16_t *k_params, const uint16_t *v_params,
                           const int32_t *block_tables, const int32_t *seq_lens, float *out, float *scores,
                           int batch, int num_kv_heads, int group, int head_dim, int block_size, int table_width,
-                          int key_groups, float sm_scale) {
+                          int num_blocks, int key_groups, float sm_scale) {
     if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP || key_groups > MAX_KEY_GROUPS
         || head_dim % (2 * key_groups)) return -1;
+    if (check_tables(block_tables, seq_lens, batch, table_width, block_size, num_blocks)) return -2;
     const int max_len = table_width * block_size, half = head_dim / 2, group_bytes = half / key_groups;
     const int64_t token_stride = (int64_t)num_kv_heads * half;             /* page bytes per token */
     #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -280,9 +296,11 @@ static void rotate_row(float *x, int head_dim) {
 
 int write_kv_quantized(const void *key, const void *value, int is_bf16, void *k_pages, void *v_pages,
                        uint16_t *k_scales, uint16_t *v_scales, const int64_t *slots, int num_tokens,
-                       int num_kv_heads, int head_dim, int is_int4, int key_groups) {
+                       int64_t num_slots, int num_kv_heads, int head_dim, int is_int4, int key_groups) {
     if (head_dim > MAX_HEAD_DIM || key_groups > MAX_KEY_GROUPS || (is_int4 && head_dim % (2 * key_groups)))
         return -1;
+    for (int t = 0; t < num_tokens; t++)             /* a slot past the pool fails the write, before any store */
+        if (slots[t] >= num_slots) return -2;
     const int row_bytes = is_int4 ? head_dim / 2 : head_dim;
     const int k_entries = is_int4 ? 2 * key_groups : 1, v_entries = is_int4 ? 2 : 1;
     #pragma omp parallel for schedule(static) if (num_tokens > 16)

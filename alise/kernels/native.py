@@ -75,9 +75,9 @@ def load() -> ctypes.CDLL | None:
                       f"attention runs on torch ops, slower than bf16 pages", RuntimeWarning, stacklevel=3)
         return None
     pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.decode_attention_int8.argtypes = [pointer] * 9 + [i32] * 6 + [f32]
-    lib.decode_attention_int4.argtypes = [pointer] * 9 + [i32] * 7 + [f32]
-    lib.write_kv_quantized.argtypes = [pointer, pointer, i32] + [pointer] * 5 + [i32] * 5
+    lib.decode_attention_int8.argtypes = [pointer] * 9 + [i32] * 7 + [f32]
+    lib.decode_attention_int4.argtypes = [pointer] * 9 + [i32] * 8 + [f32]
+    lib.write_kv_quantized.argtypes = [pointer, pointer, i32] + [pointer] * 5 + [i32, ctypes.c_int64] + [i32] * 4
     lib.decode_attention_int8.restype = lib.decode_attention_int4.restype = lib.write_kv_quantized.restype = i32
     return lib
 
@@ -110,13 +110,12 @@ def decode_attention(*, query: torch.Tensor, cache, block_tables: torch.Tensor, 
     out = torch.empty_like(q)
     scores = torch.empty(batch, num_kv_heads, group, tables.shape[1] * cache.block_size)  # the kernel's workspace
     args = [t.data_ptr() for t in (q, cache.k, cache.v, cache.k_scale, cache.v_scale, tables, lens, out, scores)]
-    args += [batch, num_kv_heads, group, head_dim, cache.block_size, tables.shape[1]]
+    args += [batch, num_kv_heads, group, head_dim, cache.block_size, tables.shape[1], cache.k.shape[0]]
     if cache.kv_dtype == "int8":
         status = lib.decode_attention_int8(*args, sm_scale)
     else:
         status = lib.decode_attention_int4(*args, reference.scale_groups(cache.k_scale, "int4"), sm_scale)
-    if status != 0:          # the checks above keep the kernel's buffers in bounds; it checks them again
-        raise RuntimeError(f"cpu_kv.c refused head_dim {head_dim} with {group} query heads per kv head")
+    _check(status, "decode attention")
     out = reference.rotate(out) if cache.kv_dtype == "int4" else out
     return out.view(batch, num_heads, head_dim).to(query.dtype)
 
@@ -139,8 +138,14 @@ def write_kv(*, key: torch.Tensor, value: torch.Tensor, cache, slot_mapping: tor
     status = lib.write_kv_quantized(
         key.data_ptr(), value.data_ptr(), key.dtype == torch.bfloat16,
         *(t.data_ptr() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale, slots)),
-        key.shape[0], key.shape[1], head_dim, cache.kv_dtype == "int4",
+        key.shape[0], cache.k.shape[0] * cache.block_size, key.shape[1], head_dim, cache.kv_dtype == "int4",
         reference.scale_groups(cache.k_scale, cache.kv_dtype))
-    if status != 0:
-        raise RuntimeError(f"cpu_kv.c refused to write head_dim {head_dim}")
+    _check(status, "the KV write")
     return True
+
+
+def _check(status: int, what: str) -> None:
+    if status == -1:         # the checks before the call keep the kernels' fixed buffers in bounds: a bug
+        raise RuntimeError(f"cpu_kv.c refused the head shape of {what}")
+    if status == -2:
+        raise ValueError(f"{what}: a block table, sequence length or slot points outside the KV pool")
