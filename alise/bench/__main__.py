@@ -625,7 +625,8 @@ def _serve_entries(args) -> tuple[dict, str, str]:
 
 def _serve_measure(args, entries: dict, trace: list[W.TraceRequest], rates: list[float]) -> tuple[dict, list, dict]:
     """One engine per entry, ``serve_run`` at every rate: the engines, one metrics row per run, and the measured
-    step samples per KV page format."""
+    step samples per KV page format. The entries take turns at each rate (rates outer), so a slow spell on a
+    shared machine hits them alike instead of one entry's whole sweep."""
     from tqdm.auto import tqdm
 
     from alise import LLM
@@ -642,9 +643,10 @@ def _serve_measure(args, entries: dict, trace: list[W.TraceRequest], rates: list
         engines[p] = llm
         print(f"{p}: {llm.engine.kv_dtype} KV pool of {llm.engine.stats().kv_blocks_total} blocks x "
               f"{llm.engine.config.block_size} tokens, policy {llm.engine.config.policy}")
-        for rate in rates:
+    for rate in rates:
+        for p, llm in engines.items():
             with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
-                m = serve_run(llm, trace, rate, args.seed, options["policy"], bar)
+                m = serve_run(llm, trace, rate, args.seed, entries[p]["policy"], bar)
             m["policy"] = p
             results.append(m)
             samples.setdefault(llm.engine.kv_dtype, []).extend(llm.engine.step_samples)
