@@ -68,16 +68,12 @@ def load_workload(name: str, n: int | None, seed: int) -> list[W.TraceRequest]:
         raise SystemExit(str(e)) from None
 
 
-def excess_backlog(r: dict) -> float:
-    """Share of the trace's output tokens still to generate at the last arrival beyond what a run that keeps up
-    holds then (its last arrivals' unfinished work: ``simulator.unloaded_backlog``)."""
-    return r.get("backlog_fraction", 0.0) - r.get("unloaded_backlog_fraction", 0.0)
-
-
 def sustained(r: dict, max_backlog: float = MAX_BACKLOG) -> bool:
     """Did the run keep up with its arrivals? Not stopped early, and at most ``max_backlog`` of the trace's
-    output tokens still to generate when the last request arrived beyond what an engine that keeps up holds."""
-    return not r.get("saturated") and excess_backlog(r) <= max_backlog
+    output tokens still to generate when the last request arrived beyond what an engine that keeps up holds then
+    (its last arrivals' unfinished work: ``simulator.unloaded_backlog``)."""
+    excess = r.get("backlog_fraction", 0.0) - r.get("unloaded_backlog_fraction", 0.0)
+    return not r.get("saturated") and excess <= max_backlog
 
 
 def summarize(results: list[dict], bounds: list[float], policies: list[str],

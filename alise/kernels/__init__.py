@@ -166,11 +166,12 @@ class TorchBackend:
 
     @staticmethod
     def decode(args: dict, scratch: dict | None) -> torch.Tensor:
+        decode_args = {k: args[k] for k in DECODE_ARGS}
         if args["cache"].k_scale is not None:          # int8 / int4 pages: the C kernel where it builds
-            out = native.decode_attention(**{k: args[k] for k in DECODE_ARGS})
+            out = native.decode_attention(**decode_args)
             if out is not None:
                 return out
-        return reference.decode_attention(**{k: args[k] for k in DECODE_ARGS}, scratch=scratch)
+        return reference.decode_attention(**decode_args, scratch=scratch)
 
 
 @dataclass
@@ -185,25 +186,20 @@ class MixedSplit:
     @staticmethod
     def of(args: dict) -> MixedSplit | None:
         """The split of a step's metadata, or None unless it has both kinds of sequence."""
-        starts = args["query_start_loc"]
-        q_lens = (starts[1:] - starts[:-1]).tolist()
-        decode = [b for b, n in enumerate(q_lens) if n == 1]
-        prefill = [b for b, n in enumerate(q_lens) if n > 1]
-        if not decode or not prefill:
+        starts, tables, seq_lens = args["query_start_loc"], args["block_tables"], args["seq_lens"]
+        q_lens = starts.diff()                                                     # (B,)
+        decode, prefill = q_lens == 1, q_lens > 1
+        if not (bool(decode.any()) and bool(prefill.any())):
             return None
-        start_list = starts.tolist()
-        rows = [r for b in prefill for r in range(start_list[b], start_list[b + 1])]
-        prefill_lens = [q_lens[b] for b in prefill]
-        device = starts.device
-        decode_idx, prefill_idx = (torch.tensor(x, device=device) for x in (decode, prefill))
-        prefill_starts = torch.tensor([0] + prefill_lens, device=device, dtype=starts.dtype).cumsum(0)
-        tables, seq_lens = args["block_tables"], args["seq_lens"]
+        row_in_prefill = prefill.repeat_interleave(q_lens, output_size=args["query"].shape[0])   # (T,)
+        prefill_lens = q_lens[prefill]
+        prefill_starts = torch.cat([starts.new_zeros(1), prefill_lens.cumsum(0)]).to(starts.dtype)
         return MixedSplit(
-            decode_rows=starts[decode_idx].long(), prefill_rows=torch.tensor(rows, device=device),
-            decode_meta=dict(block_tables=tables[decode_idx], seq_lens=seq_lens[decode_idx]),
-            prefill_meta=dict(block_tables=tables[prefill_idx], seq_lens=seq_lens[prefill_idx],
-                              query_start_loc=prefill_starts.to(starts.dtype), max_query_len=max(prefill_lens),
-                              max_seq_len=int(seq_lens[prefill_idx].max())))
+            decode_rows=starts[:-1][decode].long(), prefill_rows=row_in_prefill.nonzero().squeeze(1),
+            decode_meta=dict(block_tables=tables[decode], seq_lens=seq_lens[decode]),
+            prefill_meta=dict(block_tables=tables[prefill], seq_lens=seq_lens[prefill],
+                              query_start_loc=prefill_starts, max_query_len=int(prefill_lens.max()),
+                              max_seq_len=int(seq_lens[prefill].max())))
 
 
 class TritonBackend:

@@ -73,6 +73,11 @@ static void softmax_rows(float *scores, int group, int len, int stride) {
     }
 }
 
+/* the cache slot of a sequence's token n, through its row of the block table */
+static inline int64_t slot_of(const int32_t *table_row, int n, int block_size) {
+    return (int64_t)table_row[n / block_size] * block_size + n % block_size;
+}
+
 /* -2 unless every sequence's length fits its table row and every block it reads is in the pool: a bad block
    table fails the step instead of reading past the pages */
 static int check_tables(const int32_t *block_tables, const int32_t *seq_lens, int batch, int table_width,
@@ -104,8 +109,7 @@ int decode_attention_int8(const float *q, const int8_t *k_pages, const int8_t *v
             float *sc = scores + ((int64_t)b * num_kv_heads + h) * group * max_len;       /* (G, max_len) */
             float *o = out + ((int64_t)b * num_kv_heads + h) * group * head_dim;          /* (G, D) */
             for (int n = 0; n < len; n++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
-                                     + n % block_size;
+                const int64_t slot = slot_of(block_tables + (int64_t)b * table_width, n, block_size);
                 const int8_t *k = k_pages + slot * token_stride + (int64_t)h * head_dim;
                 const float scale = half_to_float(k_scales[slot * num_kv_heads + h]) * sm_scale;
                 for (int g = 0; g < group; g++) {
@@ -119,8 +123,7 @@ int decode_attention_int8(const float *q, const int8_t *k_pages, const int8_t *v
             softmax_rows(sc, group, len, max_len);
             memset(o, 0, sizeof(float) * group * head_dim);
             for (int n = 0; n < len; n++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
-                                     + n % block_size;
+                const int64_t slot = slot_of(block_tables + (int64_t)b * table_width, n, block_size);
                 const int8_t *v = v_pages + slot * token_stride + (int64_t)h * head_dim;
                 const float scale = half_to_float(v_scales[slot * num_kv_heads + h]);
                 for (int g = 0; g < group; g++) {
@@ -168,8 +171,7 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
                 }
             }
             for (int n = 0; n < len; n++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
-                                     + n % block_size;
+                const int64_t slot = slot_of(block_tables + (int64_t)b * table_width, n, block_size);
                 const uint8_t *k = k_pages + slot * token_stride + (int64_t)h * half;
                 const uint16_t *params = k_params + (slot * num_kv_heads + h) * 2 * key_groups;
                 /* the token's codes as floats, each times its group's scale, unpacked once for the G rows */
@@ -197,8 +199,7 @@ int decode_attention_int4(const float *q, const uint8_t *k_pages, const uint8_t 
             memset(o_odd, 0, sizeof o_odd);
             memset(o_offset, 0, sizeof o_offset);
             for (int n = 0; n < len; n++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + n / block_size] * block_size
-                                     + n % block_size;
+                const int64_t slot = slot_of(block_tables + (int64_t)b * table_width, n, block_size);
                 const uint8_t *v = v_pages + slot * token_stride + (int64_t)h * half;
                 const uint16_t *params = v_params + (slot * num_kv_heads + h) * 2;
                 const float scale = half_to_float(params[0]), offset = half_to_float(params[1]);
