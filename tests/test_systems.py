@@ -7,7 +7,7 @@ import pytest
 
 from alise import kernels
 from alise.bench import simulator as S
-from alise.bench.__main__ import goodput, main, summarize, throughputs
+from alise.bench.__main__ import goodput, main, median_rows, summarize, summarize_repeats, throughputs
 from alise.bench.workloads import synthetic, with_arrivals
 
 
@@ -96,9 +96,13 @@ def test_serve_systems_reach_the_engine(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"
     main(["serve", "--model", str(tiny_model_dir), "--workload", "alpaca", "--num-requests", "12", "--rates", "50",
           "--systems", "vllm,alise", "--max-tokens", "40", "--kv-cache-memory-gb", "4e-5", "--max-num-seqs", "6",
-          "--quiet", "--json", str(out)])
+          "--repeats", "2", "--quiet", "--json", str(out), "--plot", str(tmp_path / "serve.png")])
     report = json.loads(out.read_text())
-    engines, runs = report["engines"], {r["policy"]: r for r in report["results"]}
+    # --repeats 2: every (system, rate) point measured twice, each repeat summarized on its own
+    assert sorted((r["policy"], r["repeat"]) for r in report["results"]) == [
+        ("alise", 0), ("alise", 1), ("vllm", 0), ("vllm", 1)]
+    assert [x["repeat"] for x in report["repeats"]] == [0, 1] and (tmp_path / "serve.png").stat().st_size > 0
+    engines, runs = report["engines"], {r["policy"]: r for r in report["results"] if r["repeat"] == 0}
     assert engines["vllm"]["kv_dtype"] == "bf16" and engines["alise"]["kv_dtype"] == "int8"
     assert engines["alise"]["num_blocks"] > 1.5 * engines["vllm"]["num_blocks"]   # 36 vs 64 bytes a head
     assert runs["vllm"]["swapped_tokens"] == 0 and runs["vllm"]["num_preemptions"] > 0
@@ -120,3 +124,34 @@ def test_systems_take_the_fitted_profile_of_their_kv_dtype(tmp_path):
         S.system_profile(S.SYSTEMS["alise-int4"], both)
     with pytest.raises(ValueError, match="missing.json"):
         S.system_profile(S.SYSTEMS["vllm"], f"{files[0]},{tmp_path / 'missing.json'}")
+
+
+def test_repeats_take_the_median_of_per_repeat_rates_and_ratios():
+    """Three repeats of a two-policy sweep, each curve crossing the bound halfway between two rates (latency
+    bound / e, then bound * e: the log interpolation lands on the midpoint), worked out by hand."""
+    e, b = math.e, 1.0
+    curves = {0: {"fcfs": [b / e, b * e, b * e], "alise": [b / e, b / e, b * e]},       # 1.5 and 2.5 req/s
+              1: {"fcfs": [b / e, b / e, b * e], "alise": [b / e, b / e, b / e]},       # 2.5 and >= 3
+              2: {"fcfs": [b * e, b * e, b * e], "alise": [b / e, b * e, b * e]}}       # < 1 and 1.5
+    results = [{"policy": p, "rate": rate, "repeat": rep, "normalized_latency": lat}
+               for rep, pols in curves.items() for p, lats in pols.items() for rate, lat in zip((1, 2, 3), lats)]
+    out = summarize_repeats(results, [b], ["fcfs", "alise"])
+    k = "1"
+    per = out["per_repeat"]
+    assert [x["max_rate"]["fcfs"][k] for x in per] == pytest.approx([1.5, 2.5, 1.0])
+    assert [x["max_rate"]["alise"][k] for x in per] == pytest.approx([2.5, 3.0, 1.5])
+    assert [x["note"]["alise"][k] for x in per] == ["", ">=", ""]
+    med = out["median"]
+    assert med["max_rate"]["fcfs"][k] == pytest.approx(1.5) and med["max_rate"]["alise"][k] == pytest.approx(2.5)
+    # the median of the per-repeat ratios (2.5/1.5, 3/2.5, 1.5/1), not the ratio of the medians (2.5/1.5)
+    assert med["ratio"]["alise"][k] == pytest.approx(1.5)
+    assert med["note"]["alise"][k] == "" and med["note"]["fcfs"][k] == ""
+    rows = {(r["policy"], r["rate"]): r for r in median_rows(results)}
+    assert rows[("fcfs", 2)]["normalized_latency"] == pytest.approx(b * e)
+    assert rows[("fcfs", 2)]["min_normalized_latency"] == pytest.approx(b / e) and rows[("fcfs", 2)]["repeats"] == 3
+
+
+def test_serve_repeats_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--repeats", "0", "--num-requests", "2"])
+    assert "--repeats" in capsys.readouterr().err

@@ -33,6 +33,7 @@ STOP_FACTOR = 2.0                            # a run stops early once it is sure
 MAX_BACKLOG = 0.1   # a run keeps up if <= 10% more of its output tokens are left at the last arrival than an
                     # engine that keeps up would have left (simulator.unloaded_backlog)
 GOODPUT_TARGET = 0.9                         # goodput: the share of requests that must meet both SLOs
+SUSTAINED_MIN_REQUESTS = 100                 # serve: below this many requests a sustained rate flips on one burst
 SLO_SCALE = 5.0                              # SLOs = this x the 90th percentile of the unloaded TTFT / TPOT
 #   (a stable run holds only its concurrency: ~40 ShareGPT requests on a100-40g-13b, under 5% of 1000)
 # auto sweep: 5 light-load rates from 5% to 40% of a capacity estimate, then 20 rates 8% apart from 40% to 200%
@@ -51,6 +52,17 @@ def _floats(s: str | None, name: str) -> list[float] | None:
     if not vals or any(not v > 0 for v in vals):
         raise SystemExit(f"--{name}: need positive numbers, got {s!r}")
     return sorted(vals)
+
+
+def _positive_int(s: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return n
 
 
 def _policies(s: str) -> list[str]:
@@ -127,6 +139,72 @@ def throughputs(results: list[dict], bounds: list[float], policies: list[str], m
     rate, notes, ratio = goodput(results, policies, baseline=baseline)
     out["goodput"] = {"max_rate": rate, "note": notes, "ratio_vs_baseline": ratio}
     return out
+
+
+def summarize_repeats(results: list[dict], bounds: list[float], policies: list[str],
+                      max_backlog: float = MAX_BACKLOG, baseline: str = "fcfs", reference: str = "oracle") -> dict:
+    """``summarize`` for each repeat of a sweep (rows tagged ``repeat``), and the median over repeats.
+
+    ``per_repeat``: one ``{max_rate, note, ratio, vs_reference}`` per repeat. ``median``: the same keys, each
+    policy's median max rate and the median of its *per-repeat* ratios (each measured side by side with the
+    baseline in one sweep; a ratio of medians would pair rates from different spells of the machine). A median's
+    note is the one the median repeat had ("" when the repeats disagree).
+    """
+    import statistics
+    per = []
+    for repeat in sorted({r.get("repeat", 0) for r in results}):
+        rows = [r for r in results if r.get("repeat", 0) == repeat]
+        max_rate, notes, ratio, vs_ref = summarize(rows, bounds, policies, max_backlog, baseline, reference)
+        per.append({"repeat": repeat, "max_rate": max_rate, "note": notes, "ratio": ratio, "vs_reference": vs_ref})
+
+    def median(key: str, p: str, k: str):
+        vals = [x[key][p][k] for x in per]
+        return None if any(v is None for v in vals) else statistics.median(vals)
+    keys = [_bkey(b) for b in bounds]
+    med = {key: {p: {k: median(key, p, k) for k in keys} for p in policies}
+           for key in ("max_rate", "ratio", "vs_reference")}
+    med["note"] = {p: {k: (per[0]["note"][p][k] if len({x["note"][p][k] for x in per}) == 1 else "")
+                       for k in keys} for p in policies}
+    return {"per_repeat": per, "median": med}
+
+
+def median_rows(results: list[dict]) -> list[dict]:
+    """One row per (policy, rate) of a repeated sweep: the median normalized latency over the repeats, its lowest
+    and highest, the median preemption count, and whether every repeat kept up with its arrivals."""
+    import statistics
+    out = []
+    for key in dict.fromkeys((r["policy"], r["rate"]) for r in results):
+        rows = [r for r in results if (r["policy"], r["rate"]) == key]
+        lat = [r["normalized_latency"] for r in rows]
+        out.append({"policy": key[0], "rate": key[1], "normalized_latency": statistics.median(lat),
+                    "min_normalized_latency": min(lat), "max_normalized_latency": max(lat),
+                    "num_preemptions": statistics.median(r.get("num_preemptions", 0) for r in rows),
+                    "sustained": all(sustained(r) and not r.get("saturated") for r in rows),
+                    "repeats": len(rows)})
+    return out
+
+
+def print_medians(rows: list[dict], file=sys.stdout) -> None:
+    print(f"\nmedian over repeats (lowest-highest): normalized latency in ms/token, preemptions", file=file)
+    for r in sorted(rows, key=lambda r: (r["policy"], r["rate"])):
+        print(f"{r['policy']:<7} {r['rate']:>7.3g} {r['normalized_latency'] * 1e3:>8.1f} "
+              f"({r['min_normalized_latency'] * 1e3:.1f}-{r['max_normalized_latency'] * 1e3:.1f}) "
+              f"{r['num_preemptions']:>6g}{'' if r['sustained'] else '  (a repeat fell behind)'}", file=file)
+
+
+def print_repeats(repeats: dict, bounds: list[float], baseline: str, file=sys.stdout) -> None:
+    """Each repeat's highest rate at each bound and its ratio to the baseline, then the medians."""
+    per, med = repeats["per_repeat"], repeats["median"]
+    for b in bounds:
+        k = _bkey(b)
+        print(f"\nhighest rate <= {b * 1e3:.1f} ms/token, repeats {', '.join(str(x['repeat'] + 1) for x in per)}:",
+              file=file)
+        for p in med["max_rate"]:
+            rates = " / ".join(f"{x['note'][p][k]}{x['max_rate'][p][k]:.3g}" for x in per)
+            ratios = " / ".join("-" if x["ratio"][p][k] is None else f"{x['ratio'][p][k]:.2f}x" for x in per)
+            m = med["ratio"][p][k]
+            print(f"  {p:<12} {rates} req/s; vs {baseline} {ratios}, median {'-' if m is None else f'{m:.2f}x'}",
+                  file=file)
 
 
 def _bkey(b: float) -> str:
@@ -532,6 +610,10 @@ def cmd_serve(args) -> dict:
           f"(ignore_eos, max_tokens = trace length{'' if not args.max_tokens else f', capped at {args.max_tokens}'}); "
           f"mean input {np.mean([t.prompt_len for t in trace]):.0f} / output "
           f"{np.mean([t.output_len for t in trace]):.0f} tokens; rates {rates} req/s")
+    if len(trace) < SUSTAINED_MIN_REQUESTS:
+        print(f"note: with {len(trace)} requests a rate's 10% backlog allowance is a few requests' work, which one "
+              f"burst of late arrivals exceeds; sustained rates and ratios repeat from about "
+              f"{SUSTAINED_MIN_REQUESTS} requests per rate on (README, \"Systems, real engine\")")
     if args.url:
         return _serve_over_http(args, trace, rates)
     entries, baseline, reference = _serve_entries(args)
@@ -549,13 +631,23 @@ def cmd_serve(args) -> dict:
     for m in results:     # the backlog an engine that keeps up would carry, on this engine's own fitted costs
         prof = profiles[engines[m["policy"]].engine.kv_dtype]
         m["unloaded_backlog_fraction"] = S.unloaded_backlog(W.with_arrivals(trace, m["rate"], args.seed), prof)
+        m["sustained"] = sustained(m)
     _simulate_served(args, results, trace, engines, profiles)
-    print_results(results)
-    _print_calibration(results)
     unloaded = S.unloaded_normalized_latency(trace, profile)
     bounds = _floats(args.bounds, "bounds") or [f * unloaded for f in DEFAULT_BOUND_FACTORS]
-    max_rate, notes, ratio, vs_oracle = summarize(results, bounds, policies, baseline=baseline, reference=reference)
-    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, baseline=baseline, reference=reference)
+    for repeat in range(args.repeats):
+        rows = [m for m in results if m["repeat"] == repeat]
+        if args.repeats > 1:
+            print(f"\nrepeat {repeat + 1} of {args.repeats}", end="")
+        print_results(rows)
+        _print_calibration(rows)
+    repeats = summarize_repeats(results, bounds, policies, baseline=baseline, reference=reference)
+    if args.repeats > 1:
+        print_medians(median_rows(results))
+        print_repeats(repeats, bounds, baseline)
+    max_rate, notes, ratio, vs_oracle = (repeats["median"][k] for k in ("max_rate", "note", "ratio", "vs_reference"))
+    print_summary(bounds, unloaded, max_rate, notes, ratio, vs_oracle, baseline=baseline, reference=reference,
+                  title=f"median over {args.repeats} repeats" if args.repeats > 1 else "")
     for m in results:
         m.pop("output_lens", None)
     report = {"kind": "serve", "workload": args.workload, "model": args.model, "num_requests": len(trace),
@@ -563,8 +655,9 @@ def cmd_serve(args) -> dict:
                               "num_blocks": llm.engine.stats().kv_blocks_total} for p, llm in engines.items()},
               "seed": args.seed, "profile": profile.to_json(), "unloaded_normalized_latency": unloaded,
               "bounds": bounds, "rates": rates, "results": results, "max_rate": max_rate, "max_rate_note": notes,
-              "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle,
-              "title": f"serve: {args.workload} on {args.model} (CPU, measured), {len(trace)} requests",
+              "ratio_vs_fcfs": ratio, "ratio_vs_oracle": vs_oracle, "repeats": repeats["per_repeat"],
+              "title": f"serve: {args.workload} on {args.model} (CPU, measured), {len(trace)} requests"
+                       + (f", median of {args.repeats} repeats" if args.repeats > 1 else ""),
               "command": " ".join(["python -m alise.bench"] + sys.argv[1:])}
     _write(report, args)
     return report
@@ -620,9 +713,10 @@ def _serve_entries(args) -> tuple[dict, str, str]:
 
 
 def _serve_measure(args, entries: dict, trace: list[W.TraceRequest], rates: list[float]) -> tuple[dict, list, dict]:
-    """One engine per entry, ``serve_run`` at every rate: the engines, one metrics row per run, and the measured
-    step samples per KV page format. The entries take turns at each rate (rates outer), so a slow spell on a
-    shared machine hits them alike instead of one entry's whole sweep."""
+    """One engine per entry, ``serve_run`` at every rate, the whole sweep ``--repeats`` times: the engines, one
+    metrics row per run (with its ``repeat``), and the measured step samples per KV page format. The entries take
+    turns at each rate (rates outer), so a slow spell on a shared machine hits them alike instead of one entry's
+    whole sweep."""
     from tqdm.auto import tqdm
 
     from alise import LLM
@@ -639,14 +733,16 @@ def _serve_measure(args, entries: dict, trace: list[W.TraceRequest], rates: list
         engines[p] = llm
         print(f"{p}: {llm.engine.kv_dtype} KV pool of {llm.engine.stats().kv_blocks_total} blocks x "
               f"{llm.engine.config.block_size} tokens, policy {llm.engine.config.policy}")
-    for rate in rates:
-        for p, llm in engines.items():
-            with tqdm(total=len(trace), desc=f"serve {p} {rate:g} req/s", unit="req", disable=args.quiet) as bar:
-                m = serve_run(llm, trace, rate, args.seed, entries[p]["policy"], bar)
-            m["policy"] = p
-            results.append(m)
-            samples.setdefault(llm.engine.kv_dtype, []).extend(llm.engine.step_samples)
-            llm.engine.step_samples.clear()
+    for repeat in range(args.repeats):
+        for rate in rates:
+            for p, llm in engines.items():
+                desc = f"serve {p} {rate:g} req/s" + (f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else "")
+                with tqdm(total=len(trace), desc=desc, unit="req", disable=args.quiet) as bar:
+                    m = serve_run(llm, trace, rate, args.seed, entries[p]["policy"], bar)
+                m["policy"], m["repeat"] = p, repeat
+                results.append(m)
+                samples.setdefault(llm.engine.kv_dtype, []).extend(llm.engine.step_samples)
+                llm.engine.step_samples.clear()
     return engines, results, samples
 
 
@@ -953,6 +1049,9 @@ def _add_serve_parser(sub) -> None:
     v.add_argument("--systems", help="compare systems instead of policies: vllm, alise, vllm+int8, alise-int4 "
                    "(policy + KV pages; the engine's fcfs recomputes and alise swaps)")
     v.add_argument("--max-tokens", type=int, default=64, help="cap the trace's output lengths (CPU is slow)")
+    v.add_argument("--repeats", type=_positive_int, default=1,
+                   help="run the whole sweep this many times in one process and report the median of each point "
+                        "and of each repeat's sustained rate (a shared machine's speed drifts between runs)")
     v.add_argument("--save-profile", help="write the fitted profile JSON (usable as sim --profile)")
     v.add_argument("--url", help="measure a running OpenAI-compatible server (python -m alise.serve) over HTTP "
                    "instead of engines in this process: streaming clients, Poisson arrivals; engine options ignored")

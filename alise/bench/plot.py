@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 COLORS = {"fcfs": "tab:blue", "alise": "tab:red", "oracle": "tab:green"}
 MARKERS = {"fcfs": "o", "alise": "s", "oracle": "^"}
 LABELS = {"fcfs": "FCFS (vLLM)", "alise": "ALISE", "oracle": "Oracle (true lengths)"}
@@ -13,7 +15,9 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
 
     The paper's figure style: one line per policy, the latency bounds as dashed horizontal lines. Runs that did
     not keep up with their arrivals, or were stopped early past saturation (their value is then a lower bound,
-    clipped to the top of the axis), are drawn hollow.
+    clipped to the top of the axis), are drawn hollow. A repeated sweep (rows tagged ``repeat``) draws each rate's
+    median over the repeats and shades the band from the lowest to the highest; a point is hollow when any repeat
+    fell behind.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -24,13 +28,21 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
     bounds = report.get("bounds", [])
     top = 1.3 * max(bounds) if bounds else None
     order = {"fcfs": 0, "alise": 1, "oracle": 2}
+    repeated = any(r.get("repeat", 0) > 0 for r in results)
+    clip = (lambda y: min(y, top)) if top else (lambda y: y)
     for policy in sorted(dict.fromkeys(r["policy"] for r in results), key=lambda p: order.get(p, 9)):
-        rows = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
-        xs = [r["rate"] for r in rows]
-        ys = [min(r["normalized_latency"], top) if top else r["normalized_latency"] for r in rows]
+        runs = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
+        xs = sorted({r["rate"] for r in runs})
+        by_rate = [[r for r in runs if r["rate"] == x] for x in xs]
+        ys = [clip(float(np.median([r["normalized_latency"] for r in rs]))) for rs in by_rate]
         color, marker = COLORS.get(policy), MARKERS.get(policy, "o")
         ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8, markersize=5)
-        sat = [(x, y) for x, y, r in zip(xs, ys, rows) if r.get("saturated") or not r.get("sustained", True)]
+        if repeated:     # the median of the repeats, and the band from their lowest to their highest
+            ax.fill_between(xs, [clip(min(r["normalized_latency"] for r in rs)) for rs in by_rate],
+                            [clip(max(r["normalized_latency"] for r in rs)) for rs in by_rate], color=color, alpha=0.15,
+                            linewidth=0)
+        sat = [(x, y) for x, y, rs in zip(xs, ys, by_rate)
+               if any(r.get("saturated") or not r.get("sustained", True) for r in rs)]
         if sat:
             ax.plot(*zip(*sat), linestyle="none", marker=marker, markersize=8, markerfacecolor="white",
                     color=color)
