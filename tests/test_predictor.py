@@ -94,6 +94,31 @@ def test_online_observation_changes_later_predictions():
     assert len(p) == 61
 
 
+def test_restore_forgets_what_was_learned_since_the_snapshot():
+    """A benchmark's runs start from the same knowledge: after restore, the predictions (retrieval and MLP),
+    the store, and even the next refit's random draws are those of the moment of the snapshot."""
+    rng = np.random.default_rng(2)
+    history, later = synthetic(40, rng), synthetic(70, rng)
+    probes = [f"write {k} words about {x}" for k in (3, 17, 33) for x in ("physics", "opera", "cats")]
+    p = LengthPredictor(embed=fake_embed, refit_every=8)
+    p.observe_many([q for q, _ in history], [n for _, n in history])
+    snap = p.snapshot()
+    before = p.predict_many(probes)
+
+    def learn():
+        for q, n in later:
+            p.observe(q, n + 500)                 # lengths unlike the history's: the predictions move
+        return p.predict_many(probes)
+    after = learn()
+    assert after != before and len(p) == 110
+    p.restore(snap)
+    assert len(p) == 40 and p.predict_many(probes) == before
+    assert learn() == after                       # the same observations refit to the same MLP
+    # a snapshot is a copy: learning after it does not change it
+    p.restore(snap)
+    assert len(p) == 40 and p.predict_many(probes) == before
+
+
 def test_cold_start_and_running_mean():
     p = LengthPredictor(embed=fake_embed)
     assert p.predict("anything at all") == DEFAULT_OUTPUT_LEN

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -261,6 +262,28 @@ def test_serve_run_on_a_tiny_model(tiny_model_dir):
     assert m["normalized_latency"] > 0 and m["ttft"] <= m["mean_latency"] and m["num_requests"] == 3
     assert llm.engine.stats().num_requests == 0            # the run cleans up after itself
     assert len(llm.engine.step_samples) >= 6
+
+
+def test_serve_runs_start_from_the_same_predictor(tiny_model_dir):
+    """serve replays the same prompts at every rate: the run must not teach the predictor their true lengths
+    for the next one (it did: from the second rate on, retrieval found each prompt's length from the last run)."""
+    from alise import LLM
+    from alise.bench.__main__ import serve_run
+    llm = LLM(str(tiny_model_dir), policy="alise", embedder="model", max_num_seqs=2, dtype="float32",
+              kv_cache_blocks=64)
+    predictor = llm.engine.predictor
+    trace = [TraceRequest(5, 3 + i, prompt=f"question number {i} about {w}", max_tokens=40)
+             for i, w in enumerate(("cats", "dogs", "rivers", "trains"))]
+    prompts = [t.prompt for t in trace]
+    before = predictor.predict_many(prompts, max_tokens=40)
+    serve_run(llm, trace, rate=50.0, seed=0, policy="alise")
+    assert len(predictor) == 0 and predictor.predict_many(prompts, max_tokens=40) == before
+    # without the reset, the same run leaves every prompt's true length in the store
+    from alise.bench.__main__ import _serve_loop
+    ids, start = {}, time.monotonic()
+    timed = with_arrivals(trace, 50.0, seed=0)
+    _serve_loop(llm.engine, timed, sorted(range(4), key=lambda i: timed[i].arrival), ids, start, "alise", None)
+    assert len(predictor) == 4
 
 
 def test_backlog_fraction_tells_overload():

@@ -542,6 +542,21 @@ def capped(engine, cap: int):
         engine.prediction_cap = before
 
 
+@contextlib.contextmanager
+def fresh_predictor(engine):
+    """Each benchmark run starts from what the engine's length predictor knew before it (its ``--train``
+    history), and forgets what the run taught it: ``serve`` replays the same prompts at every rate, and a
+    predictor that kept learning would, from the second rate on, retrieve each prompt's true length from the
+    previous run (the simulator's replay starts every run afresh too)."""
+    predictor = engine.predictor
+    snap = predictor.snapshot() if hasattr(predictor, "snapshot") else None
+    try:
+        yield
+    finally:
+        if snap is not None:
+            predictor.restore(snap)
+
+
 def _serve_loop(engine, timed, order, ids, start, policy, progress) -> float:
     """Add each request at its arrival time and step the engine until all finish; returns the backlog at the
     last arrival (share of output tokens still to generate)."""
@@ -582,7 +597,7 @@ def serve_run(llm, trace: list[W.TraceRequest], rate: float, seed: int, policy: 
     ids: dict[int, str] = {}
     start = time.monotonic()
     cap = max(t.max_tokens or t.output_len for t in trace)
-    with capped(engine, cap):
+    with capped(engine, cap), fresh_predictor(engine):
         backlog = _serve_loop(engine, timed, order, ids, start, policy, progress)
     outs = [engine.pop(ids[i]) for i in range(len(timed))]
     lat = np.array([o.metrics.finish_time - o.metrics.arrival_time for o in outs])

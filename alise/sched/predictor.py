@@ -228,6 +228,30 @@ class LengthPredictor:
             del self._prompts[:drop]
             self.n = self.max_history
 
+    def snapshot(self) -> dict:
+        """What the predictor has learned (store, MLP, refit counter, random state), copied; not the embedder or
+        its cache. ``restore`` puts it back: a benchmark replaying the same prompts at several rates starts every
+        run from the same knowledge, instead of retrieving the true lengths the previous run taught it."""
+        return {"emb": None if self._emb is None else self._emb[:self.n].copy(), "len": self._len[:self.n].copy(),
+                "prompts": list(self._prompts), "n": self.n, "since_fit": self._since_fit, "mu": self._mu,
+                "sd": self._sd, "gen": self._gen.get_state(),
+                "mlp": None if self._mlp is None else {k: v.clone() for k, v in self._mlp.state_dict().items()}}
+
+    def restore(self, snap: dict) -> None:
+        """Back to a ``snapshot`` of this predictor."""
+        self._emb = None if snap["emb"] is None else snap["emb"].copy()
+        self._len, self._prompts, self.n = snap["len"].copy(), list(snap["prompts"]), snap["n"]
+        self._since_fit, self._mu, self._sd = snap["since_fit"], snap["mu"], snap["sd"]
+        self._gen.set_state(snap["gen"])
+        if snap["mlp"] is None:
+            self._mlp = None
+        else:
+            if self._mlp is None:
+                first = snap["mlp"]["net.0.weight"]
+                self._mlp = _MLP(first.shape[1], first.shape[0])
+            self._mlp.load_state_dict(snap["mlp"])
+            self._mlp.eval()
+
     @property
     def lengths(self) -> np.ndarray:
         """Output lengths in the store, oldest first."""
