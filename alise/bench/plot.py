@@ -36,7 +36,9 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
         by_rate = [[r for r in runs if r["rate"] == x] for x in xs]
         ys = [clip(float(np.median([r["normalized_latency"] for r in rs]))) for rs in by_rate]
         color, marker = COLORS.get(policy), MARKERS.get(policy, "o")
-        ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8, markersize=5)
+        line, = ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8,
+                        markersize=5)
+        color = line.get_color()      # a name without a colour of its own (a system: vllm) keeps its line's
         if repeated:     # the median of the repeats, and the band from their lowest to their highest
             ax.fill_between(xs, [clip(min(r["normalized_latency"] for r in rs)) for rs in by_rate],
                             [clip(max(r["normalized_latency"] for r in rs)) for rs in by_rate], color=color, alpha=0.15,
