@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from alise.bench import simulator as S
 from alise.bench import workloads as W
+from alise.bench.plot import median_rows
 
 DEFAULT_BOUND_FACTORS = (2.0, 5.0, 10.0)   # bounds relative to the unloaded normalized latency
 STOP_FACTOR = 2.0                            # a run stops early once it is surely above STOP_FACTOR x max bound
@@ -56,10 +58,7 @@ def _floats(s: str | None, name: str) -> list[float] | None:
 
 def _positive_int(s: str) -> int:
     """argparse type: an integer >= 1 (argparse names the flag in its error)."""
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    n = int(s) if s.strip().lstrip("+").isdigit() else 0
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return n
@@ -150,7 +149,6 @@ def summarize_repeats(results: list[dict], bounds: list[float], policies: list[s
     baseline in one sweep; a ratio of medians would pair rates from different spells of the machine). A median's
     note is the one the median repeat had ("" when the repeats disagree).
     """
-    import statistics
     per = []
     for repeat in sorted({r.get("repeat", 0) for r in results}):
         rows = [r for r in results if r.get("repeat", 0) == repeat]
@@ -166,22 +164,6 @@ def summarize_repeats(results: list[dict], bounds: list[float], policies: list[s
     med["note"] = {p: {k: (per[0]["note"][p][k] if len({x["note"][p][k] for x in per}) == 1 else "")
                        for k in keys} for p in policies}
     return {"per_repeat": per, "median": med}
-
-
-def median_rows(results: list[dict]) -> list[dict]:
-    """One row per (policy, rate) of a repeated sweep: the median normalized latency over the repeats, its lowest
-    and highest, the median preemption count, and whether every repeat kept up with its arrivals."""
-    import statistics
-    out = []
-    for key in dict.fromkeys((r["policy"], r["rate"]) for r in results):
-        rows = [r for r in results if (r["policy"], r["rate"]) == key]
-        lat = [r["normalized_latency"] for r in rows]
-        out.append({"policy": key[0], "rate": key[1], "normalized_latency": statistics.median(lat),
-                    "min_normalized_latency": min(lat), "max_normalized_latency": max(lat),
-                    "num_preemptions": statistics.median(r.get("num_preemptions", 0) for r in rows),
-                    "sustained": all(sustained(r) and not r.get("saturated") for r in rows),
-                    "repeats": len(rows)})
-    return out
 
 
 def print_medians(rows: list[dict], file=sys.stdout) -> None:

@@ -1,13 +1,29 @@
-"""Plots for the serving benchmarks: normalized latency against request rate, one line per policy."""
+"""Plots for the serving benchmarks (normalized latency against request rate, one line per policy), and the
+per-point medians of a repeated sweep they draw."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-
-import numpy as np
 
 COLORS = {"fcfs": "tab:blue", "alise": "tab:red", "oracle": "tab:green"}
 MARKERS = {"fcfs": "o", "alise": "s", "oracle": "^"}
 LABELS = {"fcfs": "FCFS (vLLM)", "alise": "ALISE", "oracle": "Oracle (true lengths)"}
+
+
+def median_rows(results: list[dict]) -> list[dict]:
+    """One row per (policy, rate) of a sweep's runs (several per point when it was repeated): the median normalized
+    latency, its lowest and highest, the median preemption count, and whether every run kept up with its arrivals
+    (none stopped past saturation or flagged not ``sustained``)."""
+    out = []
+    for key in dict.fromkeys((r["policy"], r["rate"]) for r in results):
+        rows = [r for r in results if (r["policy"], r["rate"]) == key]
+        lat = [r["normalized_latency"] for r in rows]
+        out.append({"policy": key[0], "rate": key[1], "normalized_latency": statistics.median(lat),
+                    "min_normalized_latency": min(lat), "max_normalized_latency": max(lat),
+                    "num_preemptions": statistics.median(r.get("num_preemptions", 0) for r in rows),
+                    "sustained": not any(r.get("saturated") or not r.get("sustained", True) for r in rows),
+                    "repeats": len(rows)})
+    return out
 
 
 def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path:
@@ -30,21 +46,19 @@ def plot_sweep(report: dict, path: str | Path, title: str | None = None) -> Path
     order = {"fcfs": 0, "alise": 1, "oracle": 2}
     repeated = any(r.get("repeat", 0) > 0 for r in results)
     clip = (lambda y: min(y, top)) if top else (lambda y: y)
-    for policy in sorted(dict.fromkeys(r["policy"] for r in results), key=lambda p: order.get(p, 9)):
-        runs = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
-        xs = sorted({r["rate"] for r in runs})
-        by_rate = [[r for r in runs if r["rate"] == x] for x in xs]
-        ys = [clip(float(np.median([r["normalized_latency"] for r in rs]))) for rs in by_rate]
+    points = median_rows(results)
+    for policy in sorted(dict.fromkeys(r["policy"] for r in points), key=lambda p: order.get(p, 9)):
+        rows = sorted((r for r in points if r["policy"] == policy), key=lambda r: r["rate"])
+        xs = [r["rate"] for r in rows]
+        ys = [clip(r["normalized_latency"]) for r in rows]
         color, marker = COLORS.get(policy), MARKERS.get(policy, "o")
         line, = ax.plot(xs, ys, color=color, marker=marker, label=LABELS.get(policy, policy), linewidth=1.8,
                         markersize=5)
         color = line.get_color()      # a name without a colour of its own (a system: vllm) keeps its line's
         if repeated:     # the median of the repeats, and the band from their lowest to their highest
-            ax.fill_between(xs, [clip(min(r["normalized_latency"] for r in rs)) for rs in by_rate],
-                            [clip(max(r["normalized_latency"] for r in rs)) for rs in by_rate], color=color, alpha=0.15,
-                            linewidth=0)
-        sat = [(x, y) for x, y, rs in zip(xs, ys, by_rate)
-               if any(r.get("saturated") or not r.get("sustained", True) for r in rs)]
+            ax.fill_between(xs, [clip(r["min_normalized_latency"]) for r in rows],
+                            [clip(r["max_normalized_latency"]) for r in rows], color=color, alpha=0.15, linewidth=0)
+        sat = [(x, y) for x, y, r in zip(xs, ys, rows) if not r["sustained"]]
         if sat:
             ax.plot(*zip(*sat), linestyle="none", marker=marker, markersize=8, markerfacecolor="white",
                     color=color)
